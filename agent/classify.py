@@ -1,0 +1,220 @@
+"""Classify one vCPU from consecutive records (pure).
+
+A vCPU's state is decided from the best evidence its record offers, in this order:
+
+1. the domain is not running                     -> ``n/a``      (domstate)
+2. the vCPU is unplugged or reported offline     -> ``offline``  (domstate/vcpustate)
+3. libvirt reports it blocked (Xen)              -> ``blocked``  (vcpustate)
+4. ``vcpu.<n>.halted`` is present (s390)         -> halted/running (libvirt)
+5. the share of wall time in KVM's halt-wait     -> halted/running (kvm)
+6. the share of wall time not spent on CPU       -> halted/running (cputime)
+7. only a run state is known (test driver, Xen)  -> running       (vcpustate)
+
+Shares (5, 6) go through hysteresis: a running vCPU becomes halted when its halted
+share reaches ``halted_enter``; a halted vCPU becomes running when it falls to
+``halted_leave``; in between, the state holds. A new state must then hold for
+``min_samples`` consecutive samples before it is reported. Facts from libvirt
+(1-4, 7) are reported at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agent.model import (
+    DomainRecord,
+    RecordOrigin,
+    Source,
+    VcpuRecord,
+    VcpuRunState,
+    VcpuState,
+    VcpuView,
+)
+
+# A share this close to 1 means "the whole interval": the change happened earlier.
+_WHOLE = 0.98
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    halted_enter: float = 0.7
+    halted_leave: float = 0.3
+    min_samples: int = 1
+    unknown_after: int = 3  # samples without readable vCPU stats before "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """What one sample says about one vCPU, before hysteresis and debouncing."""
+
+    state: VcpuState
+    source: Source
+    share: float | None  # halted share of the interval, for kvm/cputime/libvirt
+    immediate: bool  # a fact from libvirt, reported without debouncing
+
+
+@dataclass(frozen=True, slots=True)
+class VcpuTrack:
+    """Everything the classifier remembers about one vCPU between samples."""
+
+    view: VcpuView | None  # the reported state; None until first established
+    since: float  # wall time the reported state began (estimated)
+    record: VcpuRecord  # the last record, for counter deltas
+    t_mono: float
+    t_wall: float
+    active: bool  # whether the domain was running at the last record
+    dt: float  # length of the last interval, seconds (0 when not measured)
+    share: float | None  # halted share of the last interval, if measured
+    pending: Evidence | None = None  # a state waiting for its streak
+    pending_since: float = 0.0
+    streak: int = 0
+
+
+def _share(prev: VcpuRecord, cur: VcpuRecord, dt_ns: float) -> tuple[Source, float] | None:
+    """The halted share of the interval, from the best counter both records hold."""
+    if prev.halt_wait_ns is not None and cur.halt_wait_ns is not None:
+        delta = cur.halt_wait_ns - prev.halt_wait_ns
+        if delta >= 0:  # a reset counter (guest or QEMU restart) is no evidence
+            return Source.KVM, min(1.0, delta / dt_ns)
+        return None
+    if prev.time_ns is not None and cur.time_ns is not None:
+        delta = cur.time_ns - prev.time_ns
+        if delta >= 0:
+            return Source.CPUTIME, max(0.0, 1.0 - delta / dt_ns)
+    return None
+
+
+def evidence(prev: VcpuTrack | None, record: VcpuRecord, domain: DomainRecord) -> Evidence | None:
+    """What this sample says about the vCPU; None when it says nothing yet."""
+    if not domain.state.vcpus_active:
+        return Evidence(VcpuState.NA, Source.DOMSTATE, None, immediate=True)
+    if domain.origin is RecordOrigin.STATE_ONLY:
+        return Evidence(VcpuState.UNKNOWN, Source.DOMSTATE, None, immediate=False)
+    if (
+        domain.origin is RecordOrigin.BULK
+        and domain.vcpu_current is not None
+        and record.index >= domain.vcpu_current
+    ):
+        return Evidence(VcpuState.OFFLINE, Source.DOMSTATE, None, immediate=True)
+    if record.state == VcpuRunState.OFFLINE:
+        return Evidence(VcpuState.OFFLINE, Source.VCPUSTATE, None, immediate=True)
+    if record.state == VcpuRunState.BLOCKED:
+        return Evidence(VcpuState.BLOCKED, Source.VCPUSTATE, None, immediate=True)
+    if record.halted is not None:
+        state = VcpuState.HALTED if record.halted else VcpuState.RUNNING
+        return Evidence(state, Source.LIBVIRT, float(record.halted), immediate=True)
+    if record.halt_wait_ns is None and record.time_ns is None:
+        if record.state == VcpuRunState.RUNNING:
+            return Evidence(VcpuState.RUNNING, Source.VCPUSTATE, None, immediate=True)
+        return Evidence(VcpuState.UNKNOWN, Source.VCPUSTATE, None, immediate=False)
+    if prev is None or not prev.active:
+        return None  # counters need a baseline taken while the guest was running
+    dt_ns = (domain.t_mono - prev.t_mono) * 1e9
+    if dt_ns <= 0:
+        return None
+    measured = _share(prev.record, record, dt_ns)
+    if measured is None:
+        return None
+    source, share = measured
+    # The state is decided by hysteresis in `_decide`; RUNNING is a placeholder.
+    return Evidence(VcpuState.RUNNING, source, share, immediate=False)
+
+
+def _decide(current: VcpuView | None, ev: Evidence, th: Thresholds) -> VcpuState:
+    if ev.share is None or ev.immediate:
+        return ev.state
+    held = current.state if current is not None else None
+    if held is VcpuState.HALTED:
+        return VcpuState.RUNNING if ev.share <= th.halted_leave else VcpuState.HALTED
+    if held is VcpuState.RUNNING:
+        return VcpuState.HALTED if ev.share >= th.halted_enter else VcpuState.RUNNING
+    return VcpuState.HALTED if ev.share >= 0.5 else VcpuState.RUNNING
+
+
+def _changed_at(prev: VcpuTrack, ev: Evidence, state: VcpuState, t_wall: float, dt: float) -> float:
+    """Estimate when the change happened from the shares of straddling intervals.
+
+    A share is the fraction of an interval spent halted, so an interval that
+    straddles the change tells how far back in it the change lay.
+    """
+    if ev.share is None or ev.immediate:
+        return t_wall
+    new_share = ev.share if state is VcpuState.HALTED else 1.0 - ev.share
+    at = t_wall - new_share * dt
+    if new_share >= _WHOLE and prev.share is not None:
+        prev_new = prev.share if state is VcpuState.HALTED else 1.0 - prev.share
+        at -= max(0.0, prev_new) * prev.dt
+    return max(at, prev.since)
+
+
+def _track(
+    record: VcpuRecord,
+    domain: DomainRecord,
+    *,
+    dt: float,
+    share: float | None,
+    view: VcpuView | None,
+    since: float,
+    pending: Evidence | None = None,
+    pending_since: float = 0.0,
+    streak: int = 0,
+) -> VcpuTrack:
+    return VcpuTrack(
+        view=view,
+        since=since,
+        record=record,
+        t_mono=domain.t_mono,
+        t_wall=domain.t_wall,
+        active=domain.state.vcpus_active,
+        dt=dt,
+        share=share,
+        pending=pending,
+        pending_since=pending_since,
+        streak=streak,
+    )
+
+
+def observe(
+    prev: VcpuTrack | None, record: VcpuRecord, domain: DomainRecord, th: Thresholds
+) -> VcpuTrack:
+    """Fold one record into a vCPU's track; the track's view is what to report."""
+    ev = evidence(prev, record, domain)
+    dt = domain.t_mono - prev.t_mono if prev is not None else 0.0
+    share = ev.share if ev is not None and not ev.immediate else None
+    if ev is None:
+        # Nothing measurable yet (first sample, or a counter reset): hold the state
+        # and take this record as the new baseline.
+        if prev is None:
+            return _track(record, domain, dt=dt, share=None, view=None, since=domain.t_wall)
+        return _track(record, domain, dt=dt, share=None, view=prev.view, since=prev.since)
+    if prev is None:
+        view = VcpuView(_decide(None, ev, th), ev.source, ev.share)
+        return _track(record, domain, dt=dt, share=share, view=view, since=domain.t_wall)
+
+    state = _decide(prev.view, ev, th)
+    decided = VcpuView(state, ev.source, ev.share)
+    if prev.view is not None and prev.view.state is state:
+        # Same state: refresh the evidence (its source may have changed), no streak.
+        return _track(record, domain, dt=dt, share=share, view=decided, since=prev.since)
+
+    needed = 1 if ev.immediate else th.min_samples
+    if state is VcpuState.UNKNOWN:
+        needed = th.unknown_after
+    continuing = prev.pending is not None and prev.pending.state is state
+    streak = prev.streak + 1 if continuing else 1
+    pending_since = (
+        prev.pending_since if continuing else _changed_at(prev, ev, state, domain.t_wall, dt)
+    )
+    if prev.view is None or streak >= needed:
+        return _track(record, domain, dt=dt, share=share, view=decided, since=pending_since)
+    return _track(
+        record,
+        domain,
+        dt=dt,
+        share=share,
+        view=prev.view,
+        since=prev.since,
+        pending=Evidence(state, ev.source, ev.share, ev.immediate),
+        pending_since=pending_since,
+        streak=streak,
+    )

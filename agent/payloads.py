@@ -1,0 +1,211 @@
+"""The JSON bodies vcpu-agent publishes: one typed class per message, both ways.
+
+Every body is a JSON object with ``schema`` (this module's ``SCHEMA``) and ``kind``.
+The agent encodes with ``Payload.encode()``; subscribers decode with ``decode()``,
+which checks every field's type and rejects unknown kinds and newer schemas, so a
+subscriber reusing this module sees typed values or a ``PayloadError``, never a
+half-read dict. Times are UTC RFC 3339 strings with milliseconds ("...T12:00:00.123Z").
+``docs/topics.md`` documents every field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Literal, Self
+
+SCHEMA = 1
+
+
+class PayloadError(ValueError):
+    """A message body is not a valid vcpu-agent payload."""
+
+
+def rfc3339(t: float) -> str:
+    """UTC timestamp with milliseconds, e.g. ``2026-11-26T09:00:00.123Z``."""
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_rfc3339(text: str) -> float:
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as err:
+        raise PayloadError(f"not an RFC 3339 time: {text!r}") from err
+    if moment.tzinfo is None:
+        raise PayloadError(f"time without a zone: {text!r}")
+    return moment.timestamp()
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Payload:
+    """Base of all bodies: ``kind`` names the class, ``schema`` its version."""
+
+    KIND: ClassVar[str] = ""
+    host: str
+
+    def to_dict(self) -> dict[str, object]:
+        body: dict[str, object] = {"schema": SCHEMA, "kind": self.KIND}
+        for f in dataclasses.fields(self):
+            body[f.metadata.get("key", f.name)] = getattr(self, f.name)
+        return body
+
+    def encode(self) -> bytes:
+        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_dict(cls, body: dict[str, Any]) -> Self:
+        hints = typing.get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            key = f.metadata.get("key", f.name)
+            if key not in body:
+                raise PayloadError(f"{cls.KIND}: missing field {key!r}")
+            values[f.name] = _check(cls.KIND, key, body[key], hints[f.name])
+        return cls(**values)
+
+
+def _check(kind: str, key: str, value: object, hint: object) -> object:  # noqa: PLR0912
+    """Check ``value`` against a field's type hint (the few shapes we use)."""
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        for arm in typing.get_args(hint):
+            try:
+                return _check(kind, key, value, arm)
+            except PayloadError:
+                continue
+        raise PayloadError(f"{kind}.{key}: unexpected value {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(hint):
+            return value
+        raise PayloadError(f"{kind}.{key}: {value!r} is not one of {typing.get_args(hint)}")
+    if hint is type(None):
+        if value is None:
+            return None
+    elif hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is bool or hint is str:
+        if isinstance(value, hint):
+            return value
+    else:  # pragma: no cover - a programming error in this module
+        raise TypeError(f"unsupported field type {hint!r}")
+    raise PayloadError(f"{kind}.{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+StateName = Literal["offline", "running", "blocked", "halted", "unknown", "n/a"]
+SourceName = Literal["libvirt", "kvm", "cputime", "vcpustate", "domstate"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Status(Payload):
+    """``<prefix>/<host>/status``, retained: the agent's birth and last will."""
+
+    KIND: ClassVar[str] = "status"
+    status: Literal["online", "offline"]
+    version: str
+    started_at: str
+    at: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class VcpuStatePayload(Payload):
+    """``.../<domain>/vcpu/<n>/state``, retained: the vCPU's current state."""
+
+    KIND: ClassVar[str] = "vcpu_state"
+    domain: str
+    uuid: str
+    vcpu: int
+    state: StateName
+    label: str  # the seed's text: "running (halted)", "no state", "N/A", ...
+    source: SourceName
+    ratio: float | None  # halted share of the deciding interval, 0..1
+    since: str  # when this state began (estimated for kvm/cputime)
+    seq: int  # the seq of the transition that entered this state (0: none yet)
+    at: str  # when it was observed
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Transition(Payload):
+    """``.../<domain>/vcpu/<n>/transition``, QoS 1, not retained: one change."""
+
+    KIND: ClassVar[str] = "transition"
+    domain: str
+    uuid: str
+    vcpu: int
+    from_state: StateName = dataclasses.field(metadata={"key": "from"})
+    to_state: StateName = dataclasses.field(metadata={"key": "to"})
+    source: SourceName
+    ratio: float | None
+    at: str  # when the agent saw it (the sample's time)
+    changed_at: str  # best estimate of when it happened, from straddling intervals
+    previous_duration_s: float  # time spent in ``from``
+    seq: int  # per vCPU, +1 per transition: gaps and duplicates are detectable
+    resync: bool  # true when seen in the first sample after a reconnect
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class DomainStatePayload(Payload):
+    """``.../<domain>/state``, retained: the domain's run state and vCPU counts."""
+
+    KIND: ClassVar[str] = "domain_state"
+    domain: str
+    uuid: str
+    state: Literal[
+        "nostate",
+        "running",
+        "blocked",
+        "paused",
+        "shutdown",
+        "shutoff",
+        "crashed",
+        "pmsuspended",
+    ]
+    reason: int
+    vcpus_current: int | None
+    vcpus_maximum: int | None
+    at: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Lifecycle(Payload):
+    """``.../<domain>/lifecycle``, QoS 1, not retained: one libvirt lifecycle event."""
+
+    KIND: ClassVar[str] = "lifecycle"
+    domain: str
+    uuid: str
+    event: str  # "defined", "started", "suspended", "resumed", "stopped", "rebooted", ...
+    detail: str
+    at: str
+    seq: int  # per domain, +1 per event
+
+
+PAYLOADS: dict[str, type[Payload]] = {
+    cls.KIND: cls for cls in (Status, VcpuStatePayload, Transition, DomainStatePayload, Lifecycle)
+}
+
+
+def decode(data: bytes | str) -> Payload:
+    """Decode any vcpu-agent body into its typed class."""
+    try:
+        body = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise PayloadError(f"not JSON: {err}") from err
+    if not isinstance(body, dict):
+        raise PayloadError("not a JSON object")
+    schema = body.get("schema")
+    if not isinstance(schema, int) or isinstance(schema, bool) or schema < 1:
+        raise PayloadError(f"bad schema field: {schema!r}")
+    if schema > SCHEMA:
+        raise PayloadError(f"schema {schema} is newer than this reader's {SCHEMA}")
+    kind = body.get("kind")
+    cls = PAYLOADS.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise PayloadError(f"unknown kind: {kind!r}")
+    return cls.from_dict(body)

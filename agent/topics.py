@@ -1,0 +1,135 @@
+"""MQTT topic names and the reversible encoding of names into one topic level (pure).
+
+A topic level must not contain ``/``, ``+`` or ``#``, must not be empty, and a
+level starting with ``$`` is reserved at the start of a topic. Domain names may
+contain all of these, spaces, control characters and any unicode. We escape every
+byte outside ``[A-Za-z0-9._-]`` of the name's UTF-8 form as ``%XX`` (uppercase hex),
+like RFC 3986 percent-encoding with a smaller safe set, so that:
+
+- every encoded level is plain ASCII, non-empty and safe in any broker and shell;
+- ``decode_level(encode_level(name)) == name`` for every string;
+- names already in the safe set (most real domain names) read unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+_ESCAPE = re.compile(r"%([0-9A-F]{2})")
+_VALID_LEVEL = re.compile(r"(?:[A-Za-z0-9._-]|%[0-9A-F]{2})+")
+MAX_TOPIC_BYTES = 65535  # MQTT's UTF-8 string length limit
+
+
+class TopicError(ValueError):
+    """A name cannot be made into a topic, or a topic is not one of ours."""
+
+
+def encode_level(name: str) -> str:
+    """Encode any string into one safe, reversible topic level."""
+    if name == "":
+        return "%"  # never produced otherwise: '%' alone is not a valid escape
+    data = name.encode("utf-8", "surrogatepass")
+    return "".join(chr(b) if b in _SAFE else f"%{b:02X}" for b in data)
+
+
+def decode_level(level: str) -> str:
+    """Invert ``encode_level``; reject anything it could not have produced."""
+    if level == "%":
+        return ""
+    if not _VALID_LEVEL.fullmatch(level):
+        raise TopicError(f"not an encoded topic level: {level!r}")
+    raw = bytearray()
+    i = 0
+    while i < len(level):
+        if level[i] == "%":
+            raw.append(int(level[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            raw.append(ord(level[i]))
+            i += 1
+    if any(b in _SAFE for b in _escaped_bytes(level)):
+        raise TopicError(f"not a canonical encoding (escapes a safe byte): {level!r}")
+    try:
+        return raw.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError as err:
+        raise TopicError(f"topic level is not UTF-8 once decoded: {level!r}") from err
+
+
+def _escaped_bytes(level: str) -> list[int]:
+    return [int(m.group(1), 16) for m in _ESCAPE.finditer(level)]
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """The topic tree of one host under one prefix."""
+
+    prefix: str
+    host: str
+
+    def __post_init__(self) -> None:
+        if (
+            not self.prefix
+            or any(c in self.prefix for c in "+#\0")
+            or self.prefix.startswith(("/", "$"))
+            or self.prefix.endswith("/")
+        ):
+            raise TopicError(f"bad topic prefix {self.prefix!r}")
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}/{encode_level(self.host)}"
+
+    @property
+    def status(self) -> str:
+        return f"{self.base}/status"
+
+    def domain_state(self, domain: str) -> str:
+        return self._checked(f"{self.base}/{encode_level(domain)}/state")
+
+    def lifecycle(self, domain: str) -> str:
+        return self._checked(f"{self.base}/{encode_level(domain)}/lifecycle")
+
+    def vcpu_state(self, domain: str, vcpu: int) -> str:
+        return self._checked(f"{self.base}/{encode_level(domain)}/vcpu/{vcpu}/state")
+
+    def vcpu_transition(self, domain: str, vcpu: int) -> str:
+        return self._checked(f"{self.base}/{encode_level(domain)}/vcpu/{vcpu}/transition")
+
+    @staticmethod
+    def _checked(topic: str) -> str:
+        if len(topic.encode()) > MAX_TOPIC_BYTES:
+            raise TopicError(f"topic longer than {MAX_TOPIC_BYTES} bytes: {topic[:80]}...")
+        return topic
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedTopic:
+    """A topic of ours, taken apart: what a subscriber needs to route a message."""
+
+    host: str
+    kind: str  # "status" | "state" | "lifecycle" | "vcpu_state" | "vcpu_transition"
+    domain: str | None = None
+    vcpu: int | None = None
+
+
+def parse_topic(prefix: str, topic: str) -> ParsedTopic:
+    """Take one of our topics apart, decoding host and domain names."""
+    head = prefix + "/"
+    if not topic.startswith(head):
+        raise TopicError(f"topic {topic!r} is not under prefix {prefix!r}")
+    parts = topic[len(head) :].split("/")
+    match parts:
+        case [host, "status"]:
+            return ParsedTopic(host=decode_level(host), kind="status")
+        case [host, domain, ("state" | "lifecycle") as kind]:
+            return ParsedTopic(host=decode_level(host), kind=kind, domain=decode_level(domain))
+        case [host, domain, "vcpu", n, ("state" | "transition") as leaf] if n.isdigit():
+            return ParsedTopic(
+                host=decode_level(host),
+                kind=f"vcpu_{leaf}",
+                domain=decode_level(domain),
+                vcpu=int(n),
+            )
+    raise TopicError(f"topic {topic!r} is not one of vcpu-agent's")
