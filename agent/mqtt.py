@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -193,18 +194,29 @@ class Publisher:
         connack: asyncio.Future[ReasonCode] = loop.create_future()
         self._disconnected = asyncio.Event()
 
+        loop_thread = threading.get_ident()
+
+        def on_loop(fn: Callable[[], None]) -> None:
+            # paho calls these from the loop thread, except during the blocking connect
+            # in the executor. Run them at once when we can: a deferred remove_reader
+            # would find the fd already closed.
+            if threading.get_ident() == loop_thread:
+                fn()
+            else:
+                loop.call_soon_threadsafe(fn)
+
         def on_socket_open(_c: paho.Client, _u: object, sock: SocketLike) -> None:
             fd = sock.fileno()
-            loop.call_soon_threadsafe(lambda: self._watch(client, fd))
+            on_loop(lambda: self._watch(client, fd))
 
         def on_socket_close(_c: paho.Client, _u: object, _sock: SocketLike) -> None:
-            loop.call_soon_threadsafe(self._unwatch)
+            on_loop(self._unwatch)
 
         def on_write(_c: paho.Client, _u: object, _sock: SocketLike) -> None:
-            loop.call_soon_threadsafe(lambda: self._watch_write(client, on=True))
+            on_loop(lambda: self._watch_write(client, on=True))
 
         def on_unwrite(_c: paho.Client, _u: object, _sock: SocketLike) -> None:
-            loop.call_soon_threadsafe(lambda: self._watch_write(client, on=False))
+            on_loop(lambda: self._watch_write(client, on=False))
 
         def on_connect(_c: paho.Client, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
             if not connack.done():
@@ -300,17 +312,19 @@ class Publisher:
         fd, self._fd = self._fd, None
         if fd is not None:
             loop = asyncio.get_running_loop()
-            loop.remove_reader(fd)
-            loop.remove_writer(fd)
+            with contextlib.suppress(OSError, ValueError):  # fd closed under us
+                loop.remove_reader(fd)
+                loop.remove_writer(fd)
 
     def _watch_write(self, client: paho.Client, *, on: bool) -> None:
         if self._fd is None or self._client is not client:
             return
         loop = asyncio.get_running_loop()
-        if on:
-            loop.add_writer(self._fd, self._writable, client)
-        else:
-            loop.remove_writer(self._fd)
+        with contextlib.suppress(OSError, ValueError):  # fd closed under us
+            if on:
+                loop.add_writer(self._fd, self._writable, client)
+            else:
+                loop.remove_writer(self._fd)
 
     def _readable(self, client: paho.Client) -> None:
         if client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS:

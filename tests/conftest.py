@@ -1,0 +1,98 @@
+"""Shared fixtures: a real mosquitto and a real MQTT subscriber."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from lab.mosquitto import Mosquitto
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[Mosquitto]:
+    with Mosquitto() as mosquitto:
+        yield mosquitto
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A topic prefix of this test's own, so tests never see each other's messages."""
+    return f"test-{uuid.uuid4().hex[:10]}"
+
+
+@dataclass(frozen=True)
+class Received:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    at: float
+
+
+class Subscriber:
+    """A real paho client on its own thread, recording everything it receives."""
+
+    def __init__(self, port: int, topic: str) -> None:
+        self.messages: list[Received] = []
+        self._lock = threading.Condition()
+        self._subscribed = threading.Event()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *_a: self._subscribed.set()
+        self.client.connect("127.0.0.1", port, keepalive=30)
+        self.client.subscribe(topic, qos=1)
+        self.client.loop_start()
+        if not self._subscribed.wait(5):
+            raise RuntimeError("subscribe not acknowledged")
+
+    def _on_message(self, _c: object, _u: object, msg: paho.MQTTMessage) -> None:
+        with self._lock:
+            self.messages.append(
+                Received(msg.topic, msg.payload, msg.qos, bool(msg.retain), time.monotonic())
+            )
+            self._lock.notify_all()
+
+    def wait_for(
+        self, predicate: Callable[[Received], bool], *, timeout: float = 15.0, count: int = 1
+    ) -> list[Received]:
+        """Wait until ``count`` received messages satisfy ``predicate``; return them."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                found = [m for m in self.messages if predicate(m)]
+                if len(found) >= count:
+                    return found
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    seen = "\n".join(f"  {m.topic} {m.payload[:200]!r}" for m in self.messages)
+                    raise AssertionError(f"timed out waiting; received:\n{seen}")
+                self._lock.wait(left)
+
+    def topics(self) -> list[str]:
+        with self._lock:
+            return [m.topic for m in self.messages]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.fixture
+def subscribe(broker: Mosquitto) -> Iterator[Callable[[str], Subscriber]]:
+    subs: list[Subscriber] = []
+
+    def make(topic: str) -> Subscriber:
+        sub = Subscriber(broker.port, topic)
+        subs.append(sub)
+        return sub
+
+    yield make
+    for sub in subs:
+        sub.close()
