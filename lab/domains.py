@@ -144,6 +144,10 @@ class GuestPool:
     ) -> None:
         self.close()
 
+    def use_connection(self, conn: libvirt.virConnect) -> None:
+        """Continue on a new connection, e.g. after a libvirtd restart killed the old one."""
+        self._conn = conn
+
     @property
     def guests(self) -> list[Guest]:
         return list(self._guests)

@@ -22,6 +22,7 @@ import ctypes
 import ctypes.util
 import os
 import select
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -76,6 +77,7 @@ class SerialTruth:
         self._markers: list[Marker] = []
         self._wakeups = self._coalesced = self._ignored = 0
         self._offset = 0
+        self._inode = -1
         self._thread: threading.Thread | None = None
         self._stop_r, self._stop_w = os.pipe()
         libc = _libc()
@@ -100,18 +102,19 @@ class SerialTruth:
         self.stop()
 
     def start(self) -> None:
+        # Bytes already there are stamped now: they predate the watch.
+        self._read_new(time.monotonic(), time.time())
         self._thread = threading.Thread(
             target=self._run, name=f"truth:{self.path.name}", daemon=True
         )
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop the thread, then read whatever arrived last (stamped now)."""
+        """Stop the thread; bytes it has not seen yet are not turned into markers."""
         if self._thread is not None:
             os.write(self._stop_w, b"x")
             self._thread.join()
             self._thread = None
-            self._read_new(time.monotonic(), time.time())
         for fd in (self._ifd, self._stop_r, self._stop_w):
             os.close(fd)
         self._ifd = self._stop_r = self._stop_w = -1
@@ -144,34 +147,53 @@ class SerialTruth:
         poller.register(self._ifd, select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
         try:
-            self._read_new(time.monotonic(), time.time())  # bytes already there
             while True:
                 ready = {fd for fd, _ in poller.poll()}
                 # Stamp first: everything after this line is our own latency.
                 t_mono, t_wall = time.monotonic(), time.time()
                 if self._stop_r in ready:
                     return
-                self._drain_inotify()
-                self._read_new(t_mono, t_wall)
+                if self._drain_inotify():
+                    self._read_new(t_mono, t_wall)
         except BaseException as exc:  # surfaced to waiters, not lost in a thread
             with self._cond:
                 self._error = exc
                 self._cond.notify_all()
             raise
 
-    def _drain_inotify(self) -> None:
-        # The event names are not needed: any event in the directory means
-        # "look at the file again"; reading is cheap and the file only grows.
+    def _drain_inotify(self) -> bool:
+        """Consume queued events; True if one says our file was written to.
+
+        Only IN_MODIFY means "bytes arrived after the event was queued, so after
+        nothing earlier than our stamp". Reading on IN_CREATE alone could find a
+        byte written after the stamp and give it a stamp earlier than its write.
+        """
+        modified = False
+        name = os.fsencode(self.path.name)
         while True:
             try:
-                if not os.read(self._ifd, 4096):
-                    return
+                buf = os.read(self._ifd, 65536)
             except BlockingIOError:
-                return
+                return modified
+            if not buf:
+                return modified
+            pos = 0
+            while pos < len(buf):
+                _wd, mask, _cookie, length = struct.unpack_from("iIII", buf, pos)
+                event_name = buf[pos + 16 : pos + 16 + length].rstrip(b"\0")
+                pos += 16 + length
+                if event_name != name:
+                    continue
+                if mask & _IN_MODIFY:
+                    modified = True
 
     def _read_new(self, t_mono: float, t_wall: float) -> None:
         try:
             with self.path.open("rb") as f:
+                st = os.fstat(f.fileno())
+                if st.st_ino != self._inode or st.st_size < self._offset:
+                    # A new or truncated file (re-created serial log): start over.
+                    self._inode, self._offset = st.st_ino, 0
                 f.seek(self._offset)
                 data = f.read()
         except FileNotFoundError:
