@@ -41,6 +41,9 @@ class Thresholds:
     halted_leave: float = 0.3
     min_samples: int = 1
     unknown_after: int = 3  # samples without readable vCPU stats before "unknown"
+    # A share that moved this far toward the other state without deciding it makes
+    # the vCPU a suspect: the service re-samples its domain soon to confirm.
+    suspect: float = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +71,7 @@ class VcpuTrack:
     pending: Evidence | None = None  # a state waiting for its streak
     pending_since: float = 0.0
     streak: int = 0
+    suspect: bool = False  # a change may be under way: worth a quick second look
 
 
 def _share(prev: VcpuRecord, cur: VcpuRecord, dt_ns: float) -> tuple[Source, float] | None:
@@ -158,6 +162,7 @@ def _track(
     pending: Evidence | None = None,
     pending_since: float = 0.0,
     streak: int = 0,
+    suspect: bool = False,
 ) -> VcpuTrack:
     return VcpuTrack(
         view=view,
@@ -171,13 +176,31 @@ def _track(
         pending=pending,
         pending_since=pending_since,
         streak=streak,
+        suspect=suspect,
     )
+
+
+def _suspect(prev: VcpuTrack, share: float, held: VcpuState, th: Thresholds) -> bool:
+    """Did the share move toward the other state, without (yet) deciding it?
+
+    A change late in an interval shows as a partial share that hysteresis holds
+    back; waiting a whole interval for the next sample would double the latency.
+    """
+    if held is VcpuState.RUNNING:
+        toward, before = share, prev.share
+    elif held is VcpuState.HALTED:
+        toward, before = 1.0 - share, None if prev.share is None else 1.0 - prev.share
+    else:
+        return False
+    return toward >= th.suspect and (before is None or toward - before >= th.suspect)
 
 
 def observe(
     prev: VcpuTrack | None, record: VcpuRecord, domain: DomainRecord, th: Thresholds
 ) -> VcpuTrack:
     """Fold one record into a vCPU's track; the track's view is what to report."""
+    if prev is not None and domain.t_mono <= prev.t_mono:
+        return prev  # the same sample again (or an older one): nothing new
     ev = evidence(prev, record, domain)
     dt = domain.t_mono - prev.t_mono if prev is not None else 0.0
     share = ev.share if ev is not None and not ev.immediate else None
@@ -195,7 +218,10 @@ def observe(
     decided = VcpuView(state, ev.source, ev.share)
     if prev.view is not None and prev.view.state is state:
         # Same state: refresh the evidence (its source may have changed), no streak.
-        return _track(record, domain, dt=dt, share=share, view=decided, since=prev.since)
+        suspect = ev.share is not None and not ev.immediate and _suspect(prev, ev.share, state, th)
+        return _track(
+            record, domain, dt=dt, share=share, view=decided, since=prev.since, suspect=suspect
+        )
 
     needed = 1 if ev.immediate else th.min_samples
     if state is VcpuState.UNKNOWN:
@@ -217,4 +243,5 @@ def observe(
         pending=Evidence(state, ev.source, ev.share, ev.immediate),
         pending_since=pending_since,
         streak=streak,
+        suspect=True,
     )

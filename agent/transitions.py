@@ -29,6 +29,9 @@ class DomainTrack:
 @dataclass(frozen=True, slots=True)
 class HostState:
     domains: Mapping[str, DomainTrack] = field(default_factory=dict)  # by UUID
+    # Domains of the last batch with a vCPU whose change may be under way (see
+    # classify._suspect): the service re-samples them soon.
+    suspects: frozenset[str] = frozenset()
 
 
 # --- changes ---------------------------------------------------------------------
@@ -181,7 +184,7 @@ def retire(host: HostState, uuid: str) -> tuple[HostState, list[Change]]:
         VcpuRemoved(domain=gone.name, uuid=uuid, vcpu=n) for n in sorted(gone.vcpus)
     ]
     changes.append(DomainRemoved(domain=gone.name, uuid=uuid))
-    return HostState(domains=domains), changes
+    return HostState(domains=domains, suspects=host.suspects - {uuid}), changes
 
 
 def rebaseline(host: HostState) -> HostState:
@@ -209,6 +212,7 @@ def advance(
     domains = dict(host.domains)
     changes: list[Change] = []
     seen: set[str] = set()
+    suspects: set[str] = set()
     for record in records:
         seen.add(record.uuid)
         prev = domains.get(record.uuid)
@@ -219,7 +223,9 @@ def advance(
             prev = None
         domains[record.uuid], domain_changes = _advance_domain(prev, record, th, resync)
         changes.extend(domain_changes)
-    state = HostState(domains=domains)
+        if any(t.suspect for t in domains[record.uuid].vcpus.values()):
+            suspects.add(record.uuid)
+    state = HostState(domains=domains, suspects=frozenset(suspects))
     if complete:
         for uuid in sorted(set(domains) - seen):
             state, retired = retire(state, uuid)

@@ -1,0 +1,133 @@
+from __future__ import annotations
+
+import pytest
+
+from agent.classify import Thresholds, evidence, observe
+from agent.model import Source, VcpuState
+from agent.transitions import HostState, VcpuTransition, advance
+from tests.builders import busy, dom
+
+
+def states(records: list, th: Thresholds | None = None) -> list[VcpuState | None]:  # type: ignore[type-arg]
+    """vCPU 0's reported state after each record."""
+    track = None
+    out = []
+    for record in records:
+        track = observe(track, record.vcpus[0], record, th or Thresholds())
+        out.append(track.view.state if track.view else None)
+    return out
+
+
+def test_a_counter_needs_two_samples_before_it_says_anything() -> None:
+    assert states([busy(0, 0.0), busy(1, 1.0)]) == [None, VcpuState.RUNNING]
+
+
+def test_cpu_time_that_stops_growing_means_halted() -> None:
+    records = [busy(0, 0.0), busy(1, 1.0), busy(2, 1.0), busy(3, 1.01)]
+    assert states(records) == [None, VcpuState.RUNNING, VcpuState.HALTED, VcpuState.HALTED]
+
+
+def test_kvm_halt_wait_beats_cpu_time() -> None:
+    # CPU time says busy, KVM's halt-wait counter says halted: KVM wins.
+    a = dom(0, v0_state=1, v0_time=0, v0_hw=0)
+    b = dom(1, v0_state=1, v0_time=int(1e9), v0_hw=int(0.99e9))
+    track = observe(observe(None, a.vcpus[0], a, Thresholds()), b.vcpus[0], b, Thresholds())
+    assert track.view is not None
+    assert (track.view.state, track.view.source) == (VcpuState.HALTED, Source.KVM)
+    assert track.view.ratio == pytest.approx(0.99)
+
+
+def test_the_s390_halted_flag_is_taken_at_once() -> None:
+    records = [dom(0, v0_state=1, v0_halted=False), dom(1, v0_state=1, v0_halted=True)]
+    assert states(records) == [VcpuState.RUNNING, VcpuState.HALTED]
+
+
+def test_hysteresis_holds_a_state_inside_the_band() -> None:
+    # 50 % busy sits between halted_leave (0.3) and halted_enter (0.7): no flapping.
+    records = [busy(0, 0.0), busy(1, 0.0), busy(2, 0.5), busy(3, 0.9), busy(4, 1.5)]
+    assert states(records) == [None, VcpuState.HALTED, VcpuState.HALTED, VcpuState.HALTED,
+                               VcpuState.HALTED]
+    records = [busy(0, 0.0), busy(1, 1.0), busy(2, 1.5), busy(3, 2.1), busy(4, 2.4)]
+    assert states(records) == [None, VcpuState.RUNNING, VcpuState.RUNNING, VcpuState.RUNNING,
+                               VcpuState.HALTED]
+
+
+def test_min_samples_debounces_a_single_odd_sample() -> None:
+    th = Thresholds(min_samples=2)
+    records = [busy(0, 0), busy(1, 1), busy(2, 1), busy(3, 2), busy(4, 2), busy(5, 2)]
+    assert states(records, th) == [None, VcpuState.RUNNING, VcpuState.RUNNING,
+                                   VcpuState.RUNNING, VcpuState.RUNNING, VcpuState.HALTED]
+
+
+def test_a_paused_domain_makes_every_vcpu_na_at_once() -> None:
+    records = [busy(0, 0), busy(1, 1), busy(2, 2, state=3)]
+    assert states(records) == [None, VcpuState.RUNNING, VcpuState.NA]
+
+
+def test_after_a_resume_counters_take_a_fresh_baseline() -> None:
+    # While paused the CPU time did not grow; measuring across the pause would
+    # call a busy vCPU halted.
+    records = [busy(0, 0), busy(1, 1), busy(2, 1, state=3), busy(10, 1), busy(11, 2)]
+    assert states(records) == [None, VcpuState.RUNNING, VcpuState.NA, VcpuState.NA,
+                               VcpuState.RUNNING]
+
+
+def test_vcpus_beyond_vcpu_current_are_offline() -> None:
+    record = dom(0, current=1, maximum=2, v0_state=1, v0_time=0)
+    ev = evidence(None, record.vcpus[1], record)
+    assert ev is not None
+    assert (ev.state, ev.source) == (VcpuState.OFFLINE, Source.DOMSTATE)
+
+
+def test_libvirt_blocked_state_is_reported_as_blocked() -> None:
+    record = dom(0, v0_state=2)
+    assert states([record]) == [VcpuState.BLOCKED]
+
+
+def test_a_counter_going_backwards_is_no_evidence() -> None:
+    # A guest reset or QEMU restart resets counters: hold the state, rebaseline.
+    records = [busy(0, 5), busy(1, 6), busy(2, 0.5), busy(3, 1.5)]
+    assert states(records) == [None, VcpuState.RUNNING, VcpuState.RUNNING, VcpuState.RUNNING]
+
+
+def test_unreadable_vcpus_become_unknown_only_after_several_samples() -> None:
+    host = HostState()
+    th = Thresholds(unknown_after=3)
+    for t in range(2):
+        host, _ = advance(host, [busy(t, t)], th, complete=True)
+    seen = []
+    for t in range(2, 6):  # the VCPU group is missing (e.g. NOWAIT skipped the domain)
+        host, changes = advance(host, [dom(t, current=None)], th, complete=True)
+        seen.append([c.after.state for c in changes if isinstance(c, VcpuTransition)])
+    assert seen == [[], [], [VcpuState.UNKNOWN], []]
+
+
+def test_the_change_time_is_estimated_from_the_straddling_interval() -> None:
+    # Busy until t=2.6, then halted: the sample at t=3 shows 60 % halted (not yet
+    # enough), the one at t=4 100 %: the change is put at 2.6, not at 3 or 4.
+    host = HostState()
+    found = []
+    for record in [busy(0, 0), busy(1, 1), busy(2, 2), busy(3, 2.6), busy(4, 2.6)]:
+        host, changes = advance(host, [record], Thresholds(), complete=True)
+        found += [c for c in changes if isinstance(c, VcpuTransition)]
+    assert len(found) == 1
+    assert found[0].changed_at - 1e9 == pytest.approx(2.6)
+    assert found[0].at - 1e9 == pytest.approx(4)
+    # Running since the first measured interval began (t=0): 2.6 s.
+    assert found[0].previous_duration == pytest.approx(2.6)
+
+
+def test_a_partial_move_toward_the_other_state_makes_a_suspect() -> None:
+    host = HostState()
+    for record in [busy(0, 0), busy(1, 1), busy(2, 2)]:
+        host, _ = advance(host, [record], Thresholds(), complete=True)
+    assert not host.suspects
+    host, _ = advance(host, [busy(3, 2.6)], Thresholds(), complete=True)  # 40 % halted
+    assert host.suspects == {busy(0, 0).uuid}
+
+
+def test_a_steady_mixed_load_is_not_a_suspect_every_time() -> None:
+    host = HostState()
+    for t in range(8):  # 50 % busy, steadily
+        host, _ = advance(host, [busy(t, t * 0.5)], Thresholds(), complete=True)
+    assert not host.suspects
