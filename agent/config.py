@@ -161,6 +161,14 @@ class MqttSection:
 
 
 @dataclass(frozen=True, slots=True)
+class SpoolSection:
+    # The unit's StateDirectory; "" keeps events in memory only (mqtt.max_queued).
+    path: str = _setting("/var/lib/vcpu-agent/spool.sqlite3", _text())
+    max_events: int = _setting(100000, _integer(1, 100_000_000))
+    synchronous: Literal["normal", "full"] = _setting("normal", _choice("normal", "full"))
+
+
+@dataclass(frozen=True, slots=True)
 class LogSection:
     format: Literal["auto", "json", "console"] = _setting(
         "auto", _choice("auto", "json", "console")
@@ -174,6 +182,7 @@ class Config:
     libvirt: LibvirtSection = field(default_factory=LibvirtSection)
     sampling: SamplingSection = field(default_factory=SamplingSection)
     mqtt: MqttSection = field(default_factory=MqttSection)
+    spool: SpoolSection = field(default_factory=SpoolSection)
     log: LogSection = field(default_factory=LogSection)
 
     @property
@@ -186,6 +195,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "libvirt": LibvirtSection,
     "sampling": SamplingSection,
     "mqtt": MqttSection,
+    "spool": SpoolSection,
     "log": LogSection,
 }
 

@@ -186,8 +186,24 @@ class Lifecycle(Payload):
     seq: int  # per domain, +1 per event
 
 
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Gap(Payload):
+    """``<prefix>/<host>/gap``, QoS 1, not retained: events were lost to overflow.
+
+    The spool (``spool.max_events``) was full during a long outage and its oldest
+    events were dropped. A subscriber seeing a skipped ``seq`` after this marker
+    knows why; without it, a skipped seq means something else went wrong.
+    """
+
+    KIND: ClassVar[str] = "gap"
+    dropped: int  # events dropped since the previous gap marker
+    dropped_total: int  # events dropped over the spool's whole life
+    at: str
+
+
 PAYLOADS: dict[str, type[Payload]] = {
-    cls.KIND: cls for cls in (Status, VcpuStatePayload, Transition, DomainStatePayload, Lifecycle)
+    cls.KIND: cls
+    for cls in (Status, VcpuStatePayload, Transition, DomainStatePayload, Lifecycle, Gap)
 }
 
 

@@ -8,6 +8,7 @@ seed it so they survive restarts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -37,11 +38,18 @@ SeqKey = tuple[str, int | None]  # (domain uuid, vCPU index or None for the doma
 
 @dataclass(slots=True)
 class Sequencer:
+    """Per-key counters; ``counters`` seeds them, ``on_next`` persists each step."""
+
     counters: dict[SeqKey, int] = field(default_factory=dict)
+    # The durable spool's ``save_seq``: it writes the counter in the same transaction
+    # as the event that carries it, so seqs survive restarts without going backwards.
+    on_next: Callable[[SeqKey, int], None] | None = None
 
     def next(self, key: SeqKey) -> int:
         value = self.counters.get(key, 0) + 1
         self.counters[key] = value
+        if self.on_next is not None:
+            self.on_next(key, value)
         return value
 
     def current(self, key: SeqKey) -> int:

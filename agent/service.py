@@ -28,9 +28,10 @@ from agent.config import Config
 from agent.model import DomainRecord, LifecycleEvent
 from agent.mqtt import Publisher
 from agent.outbox import MemoryOutbox, Outbox
-from agent.render import Renderer
+from agent.render import Renderer, Sequencer
 from agent.sdnotify import Notifier
 from agent.source import ConnectionLost, LibvirtSource, SourceBusyError, SourceError, SourceEvent
+from agent.spool import SpoolError, SqliteSpool
 from agent.topics import Topics
 from agent.transitions import Change, HostState, VcpuTransition, advance, rebaseline, retire
 
@@ -48,12 +49,20 @@ class Service:
         self.notifier = notifier or Notifier()
         self.th = cfg.sampling.thresholds()
         self.topics = Topics(prefix=cfg.mqtt.topic_prefix, host=cfg.host_id)
-        self.renderer = Renderer(self.topics, qos=cfg.mqtt.qos)
+        outbox = outbox if outbox is not None else _open_outbox(cfg)
+        # With a durable spool, seqs continue where the last run left them.
+        self.spool = outbox if isinstance(outbox, SqliteSpool) else None
+        seqs = (
+            Sequencer(counters=self.spool.load_seqs(), on_next=self.spool.save_seq)
+            if self.spool is not None
+            else Sequencer()
+        )
+        self.renderer = Renderer(self.topics, qos=cfg.mqtt.qos, seqs=seqs)
         self.started_at = time.time()
         self.publisher = Publisher(
             cfg=cfg.mqtt,
             topics=self.topics,
-            outbox=outbox or MemoryOutbox(cfg.mqtt.max_queued),
+            outbox=outbox,
             started_at=self.started_at,
             client_id=cfg.mqtt.client_id or f"vcpu-agent-{socket.gethostname()}",
         )
@@ -109,6 +118,8 @@ class Service:
             mqtt_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await mqtt_task
+            if self.spool is not None:
+                self.spool.close()  # what the broker did not acknowledge stays in it
             stop.cancel()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
@@ -259,3 +270,20 @@ class Service:
                 vcpus=sum(len(d.vcpus) for d in self.host.domains.values()),
                 mqtt_connected=self.publisher.connected.is_set(),
             )
+
+
+def _open_outbox(cfg: Config) -> Outbox:
+    """The durable spool of ``[spool]``, or memory when it is off or unusable."""
+    if not cfg.spool.path:
+        return MemoryOutbox(cfg.mqtt.max_queued)
+    try:
+        spool = SqliteSpool(cfg.spool.path, cfg.spool.max_events, synchronous=cfg.spool.synchronous)
+    except SpoolError as err:
+        # Running without durability beats not running: events still survive broker
+        # outages in memory. Loud, because an agent restart would now lose them.
+        log.error(  # noqa: TRY400 - the reason says it all; a traceback would not help
+            "spool.unavailable", path=cfg.spool.path, reason=str(err), fallback="memory"
+        )
+        return MemoryOutbox(cfg.mqtt.max_queued)
+    log.info("spool.opened", path=cfg.spool.path, backlog=len(spool), dropped=spool.dropped)
+    return spool

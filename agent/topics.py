@@ -85,6 +85,11 @@ class Topics:
     def status(self) -> str:
         return f"{self.base}/status"
 
+    @property
+    def gap(self) -> str:
+        """Overflow markers; two levels like ``status``, so no domain can collide."""
+        return f"{self.base}/gap"
+
     def domain_state(self, domain: str) -> str:
         return self._checked(f"{self.base}/{encode_level(domain)}/state")
 
@@ -109,7 +114,7 @@ class ParsedTopic:
     """A topic of ours, taken apart: what a subscriber needs to route a message."""
 
     host: str
-    kind: str  # "status" | "state" | "lifecycle" | "vcpu_state" | "vcpu_transition"
+    kind: str  # "status" | "gap" | "state" | "lifecycle" | "vcpu_state" | "vcpu_transition"
     domain: str | None = None
     vcpu: int | None = None
 
@@ -121,8 +126,8 @@ def parse_topic(prefix: str, topic: str) -> ParsedTopic:
         raise TopicError(f"topic {topic!r} is not under prefix {prefix!r}")
     parts = topic[len(head) :].split("/")
     match parts:
-        case [host, "status"]:
-            return ParsedTopic(host=decode_level(host), kind="status")
+        case [host, ("status" | "gap") as kind]:
+            return ParsedTopic(host=decode_level(host), kind=kind)
         case [host, domain, ("state" | "lifecycle") as kind]:
             return ParsedTopic(host=decode_level(host), kind=kind, domain=decode_level(domain))
         case [host, domain, "vcpu", n, ("state" | "transition") as leaf] if n.isdigit():
