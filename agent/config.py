@@ -130,6 +130,7 @@ class SamplingSection:
     min_samples: int = _setting(1, _integer(1, 100))
     unknown_after: int = _setting(3, _integer(1, 100))
     event_followup: float = _setting(0.25, _number(0.0, 60.0))
+    confirm_after: float = _setting(0.1, _number(0.0, 60.0))
 
     def thresholds(self) -> Thresholds:
         return Thresholds(

@@ -77,6 +77,7 @@ class Service:
         )
         self._stop = asyncio.Event()
         self._resamples: list[tuple[float, str]] = []  # heap of (monotonic due, UUID)
+        self._confirming: set[str] = set()  # UUIDs with a confirmation re-sample queued
         self._resync_samples = 0  # full samples still to mark as resync
         self._ready = False
         self.samples = 0
@@ -86,9 +87,15 @@ class Service:
     def request_stop(self) -> None:
         self._stop.set()
 
-    async def run(self) -> int:
+    async def run(self, *, handle_signals: bool = True) -> int:
+        """Run until SIGTERM/SIGINT (or ``request_stop``); return the exit status.
+
+        ``handle_signals=False`` is for embedding (tests run the service on a
+        thread, where asyncio cannot install signal handlers).
+        """
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
+        for sig in signals:
             loop.add_signal_handler(sig, self.request_stop)
         log.info(
             "agent.starting",
@@ -121,7 +128,7 @@ class Service:
             if self.spool is not None:
                 self.spool.close()  # what the broker did not acknowledge stays in it
             stop.cancel()
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in signals:
                 loop.remove_signal_handler(sig)
             log.info("agent.stopped", samples=self.samples)
         return 0
@@ -130,7 +137,7 @@ class Service:
         await self._connect_libvirt()
         interval = self.cfg.sampling.interval
         next_tick = time.monotonic()
-        while True:
+        while not self._stop.is_set():
             now = time.monotonic()
             if now >= next_tick:
                 await self._sample_all()
@@ -141,12 +148,14 @@ class Service:
             due: set[str] = set()
             while self._resamples and self._resamples[0][0] <= now:
                 due.add(heapq.heappop(self._resamples)[1])
+            self._confirming -= due
             if due:
                 await self._sample_some(due)
                 continue
             wake = min(next_tick, self._resamples[0][0]) if self._resamples else next_tick
             try:
-                event = await asyncio.wait_for(self._events.get(), max(0.0, wake - now))
+                async with asyncio.timeout(max(0.0, wake - now)):
+                    event = await self._events.get()
             except TimeoutError:
                 continue
             await self._handle(event)
@@ -155,7 +164,7 @@ class Service:
 
     async def _connect_libvirt(self) -> None:
         delay = self.cfg.libvirt.reconnect_min
-        while True:
+        while not self._stop.is_set():
             try:
                 await self.source.open()
             except SourceError as err:

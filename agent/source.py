@@ -124,7 +124,8 @@ class LibvirtSource:
         future = self._worker.submit(fn)
         self._busy = future
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), self.call_timeout)
+            async with asyncio.timeout(self.call_timeout):
+                return await asyncio.wrap_future(future)
         except TimeoutError as err:
             raise SourceTimeoutError(
                 f"{what}: no answer from libvirt in {self.call_timeout} s"

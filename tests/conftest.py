@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from lab.mosquitto import Mosquitto
 
@@ -47,7 +48,9 @@ class Subscriber:
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *_a: self._subscribed.set()
         self.client.connect("127.0.0.1", port, keepalive=30)
-        self.client.subscribe(topic, qos=1)
+        # Retain As Published: see the retain flag as the publisher set it, even for
+        # messages published while we are subscribed (MQTT 5, 3.8.3.1).
+        self.client.subscribe(topic, options=SubscribeOptions(qos=1, retainAsPublished=True))
         self.client.loop_start()
         if not self._subscribed.wait(5):
             raise RuntimeError("subscribe not acknowledged")
