@@ -110,6 +110,7 @@ class Publisher:
         self._gap_reported = outbox.gap_reported if isinstance(outbox, GapLedger) else 0
         self._gap_sent = self._gap_reported
         self._gap_inflight: dict[int, int] = {}
+        self._refused: str | None = None  # why the broker refused a publish, if it did
         self.connects = 0
 
     # -- what the service calls -----------------------------------------------------
@@ -145,11 +146,26 @@ class Publisher:
                 await self._sleep_unless_stopping(delay)
                 delay = min(delay * 2, self.cfg.reconnect_max)
                 continue
-            delay = self.cfg.reconnect_min
             await self._serve()
-            if not self._stopping:
-                log.warning("mqtt.disconnected", retry_in=delay)
+            if self._stopping:
+                break
+            refused, self._refused = self._refused, None
+            if refused is not None:
+                # Connected, but the broker refuses our events (ACL): keep them, back
+                # off as for a refused connection; never resend in a tight loop.
+                log.warning(
+                    "mqtt.publish_refused",
+                    host=self.cfg.host,
+                    port=self.cfg.port,
+                    reason=refused,
+                    retry_in=delay,
+                )
                 await self._sleep_unless_stopping(delay)
+                delay = min(delay * 2, self.cfg.reconnect_max)
+                continue
+            delay = self.cfg.reconnect_min
+            log.warning("mqtt.disconnected", retry_in=delay)
+            await self._sleep_unless_stopping(delay)
 
     async def stop(self, timeout: float) -> None:
         """Publish ``offline``, wait up to ``timeout`` for acks, disconnect."""
@@ -162,10 +178,12 @@ class Publisher:
             while (self._inflight or not info.is_published()) and time.monotonic() < deadline:
                 self._acked.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._acked.wait(), deadline - time.monotonic())
+                    async with asyncio.timeout(deadline - time.monotonic()):
+                        await self._acked.wait()
             client.disconnect()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._disconnected.wait(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await self._disconnected.wait()
         self._drop_client()
         self._disconnected.set()
         log.info("mqtt.stopped", unacknowledged=len(self.outbox))
@@ -254,8 +272,11 @@ class Publisher:
                 connack.set_exception(MqttRefusedError(f"disconnected before CONNACK: {rc}"))
             self._disconnected.set()
 
-        def on_publish(_c: paho.Client, _u: object, mid: int, _rc: ReasonCode, _p: object) -> None:
-            self._on_ack(mid)
+        def on_publish(_c: paho.Client, _u: object, mid: int, rc: ReasonCode, _p: object) -> None:
+            if rc.is_failure:  # MQTT 5 only: 3.1.1 brokers drop refused messages silently
+                self._on_refused(client, mid, rc)
+            else:
+                self._on_ack(mid)
 
         client.on_socket_open = on_socket_open
         client.on_socket_close = on_socket_close
@@ -268,7 +289,8 @@ class Publisher:
         await loop.run_in_executor(
             None, lambda: client.connect(self.cfg.host, self.cfg.port, self.cfg.keepalive)
         )
-        rc = await asyncio.wait_for(connack, timeout=max(10.0, self.cfg.keepalive))
+        async with asyncio.timeout(max(10.0, self.cfg.keepalive)):
+            rc = await connack
         if rc.is_failure:
             client.disconnect()
             raise MqttRefusedError(f"broker refused the connection: [code:{rc.value}] {rc}")
@@ -304,7 +326,8 @@ class Publisher:
         assert client is not None
         while not self._disconnected.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._disconnected.wait(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await self._disconnected.wait()
             if client.loop_misc() != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 break
         self.connected.clear()
@@ -418,6 +441,15 @@ class Publisher:
                 self._inflight[info.mid] = event_id
             else:
                 break  # the connection is going away; resent after reconnect
+
+    def _on_refused(self, client: paho.Client, mid: int, rc: ReasonCode) -> None:
+        """A negative PUBACK (not authorised, quota...): the event stays spooled."""
+        self._inflight.pop(mid, None)
+        self._gap_inflight.pop(mid, None)
+        if self._refused is None and self._client is client:
+            self._refused = f"[code:{rc.value}] {rc}"
+            client.disconnect()
+            self._disconnected.set()
 
     def _on_ack(self, mid: int) -> None:
         event_id = self._inflight.pop(mid, None)
