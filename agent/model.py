@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
 class VcpuState(enum.StrEnum):
@@ -68,7 +69,7 @@ class DomainState(enum.IntEnum):
 
         SHUTDOWN means "being shut down": the guest is still running its shutdown.
         """
-        return self in (DomainState.RUNNING, DomainState.BLOCKED, DomainState.SHUTDOWN)
+        return self in _ACTIVE
 
     @classmethod
     def parse(cls, value: int) -> DomainState:
@@ -76,6 +77,9 @@ class DomainState(enum.IntEnum):
             return cls(value)
         except ValueError:
             return cls.NOSTATE
+
+
+_ACTIVE = frozenset({DomainState.RUNNING, DomainState.BLOCKED, DomainState.SHUTDOWN})
 
 
 class VcpuRunState(enum.IntEnum):
@@ -92,11 +96,14 @@ class RecordOrigin(enum.StrEnum):
     STATE_ONLY = "state-only"  # the VCPU group was missing (inactive, or NOWAIT skipped it)
 
 
-@dataclass(frozen=True, slots=True)
-class VcpuRecord:
-    """What libvirt said about one vCPU in one sample. ``None`` means "not reported"."""
+class VcpuRecord(NamedTuple):
+    """What libvirt said about one vCPU in one sample. ``None`` means "not reported".
 
-    index: int
+    A NamedTuple rather than a frozen dataclass: one is built per vCPU per sample,
+    and a frozen dataclass's ``__init__`` costs several times more (bench/core.py).
+    """
+
+    vcpu: int  # the vCPU's index
     state: int | None = None
     time_ns: int | None = None
     halted: bool | None = None

@@ -11,6 +11,7 @@ half-read dict. Times are UTC RFC 3339 strings with milliseconds ("...T12:00:00.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import types
@@ -25,6 +26,7 @@ class PayloadError(ValueError):
     """A message body is not a valid vcpu-agent payload."""
 
 
+@functools.lru_cache(maxsize=1024)  # the changes of one sample share their times
 def rfc3339(t: float) -> str:
     """UTC timestamp with milliseconds, e.g. ``2026-11-26T09:00:00.123Z``."""
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -49,8 +51,8 @@ class Payload:
 
     def to_dict(self) -> dict[str, object]:
         body: dict[str, object] = {"schema": SCHEMA, "kind": self.KIND}
-        for f in dataclasses.fields(self):
-            body[f.metadata.get("key", f.name)] = getattr(self, f.name)
+        for key, name in _wire_names(type(self)):
+            body[key] = getattr(self, name)
         return body
 
     def encode(self) -> bytes:
@@ -66,6 +68,18 @@ class Payload:
                 raise PayloadError(f"{cls.KIND}: missing field {key!r}")
             values[f.name] = _check(cls.KIND, key, body[key], hints[f.name])
         return cls(**values)
+
+
+_WIRE_NAMES: dict[type[Payload], tuple[tuple[str, str], ...]] = {}
+
+
+def _wire_names(cls: type[Payload]) -> tuple[tuple[str, str], ...]:
+    """(JSON key, attribute) of every field, in order; computed once per class."""
+    names = _WIRE_NAMES.get(cls)
+    if names is None:
+        names = tuple((f.metadata.get("key", f.name), f.name) for f in dataclasses.fields(cls))
+        _WIRE_NAMES[cls] = names
+    return names
 
 
 def _check(kind: str, key: str, value: object, hint: object) -> object:  # noqa: PLR0912

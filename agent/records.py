@@ -8,6 +8,7 @@ a malformed value is treated as absent, never as zero.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 from agent.model import DomainRecord, DomainState, RecordOrigin, VcpuRecord
@@ -19,10 +20,23 @@ MAX_VCPUS = 16384
 
 def _int(stats: Mapping[str, object], key: str) -> int | None:
     value = stats.get(key)
-    # bool is an int subclass: a boolean where a counter belongs is malformed.
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    # Exactly int: bool is an int subclass, and a boolean where a counter belongs
+    # is malformed.
+    if type(value) is int and value >= 0:
         return value
     return None
+
+
+@functools.lru_cache(maxsize=MAX_VCPUS)
+def _vcpu_keys(n: int) -> tuple[str, str, str, str]:
+    return f"vcpu.{n}.state", f"vcpu.{n}.time", f"vcpu.{n}.halted", f"vcpu.{n}.halt_wait_ns.sum"
+
+
+def _vcpu(stats: Mapping[str, object], n: int) -> VcpuRecord:
+    state, time_ns, halted, halt_wait = _vcpu_keys(n)
+    return VcpuRecord(
+        n, _int(stats, state), _int(stats, time_ns), _bool(stats, halted), _int(stats, halt_wait)
+    )
 
 
 def _bool(stats: Mapping[str, object], key: str) -> bool | None:
@@ -59,16 +73,7 @@ def domain_record(
         origin = RecordOrigin.BULK
         # Per-vCPU keys exist for indices < maximum; take whichever bound we have.
         top = max(current or 0, maximum or 0)
-        vcpus = tuple(
-            VcpuRecord(
-                index=n,
-                state=_int(stats, f"vcpu.{n}.state"),
-                time_ns=_int(stats, f"vcpu.{n}.time"),
-                halted=_bool(stats, f"vcpu.{n}.halted"),
-                halt_wait_ns=_int(stats, f"vcpu.{n}.halt_wait_ns.sum"),
-            )
-            for n in range(top)
-        )
+        vcpus = tuple(_vcpu(stats, n) for n in range(top))
     return DomainRecord(
         name=name,
         uuid=uuid,
@@ -100,7 +105,7 @@ def vcpuinfo_record(
     invents it) is not trusted for halted detection.
     """
     vcpus = {
-        number: VcpuRecord(index=number, state=run_state)
+        number: VcpuRecord(vcpu=number, state=run_state)
         for number, run_state, _cpu_time, _cpu in vcpu_info
         if 0 <= number <= MAX_VCPUS
     }
@@ -115,7 +120,7 @@ def vcpuinfo_record(
         origin=RecordOrigin.VCPUINFO,
         vcpu_current=len(vcpus),
         vcpu_maximum=top,
-        vcpus=tuple(vcpus.get(n, VcpuRecord(index=n, state=0)) for n in range(top)),
+        vcpus=tuple(vcpus.get(n, VcpuRecord(vcpu=n, state=0)) for n in range(top)),
         t_mono=t_mono,
         t_wall=t_wall,
     )

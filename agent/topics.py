@@ -13,6 +13,7 @@ like RFC 3986 percent-encoding with a smaller safe set, so that:
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ class TopicError(ValueError):
     """A name cannot be made into a topic, or a topic is not one of ours."""
 
 
+@functools.lru_cache(maxsize=65536)  # a host has few names; each is encoded per message
 def encode_level(name: str) -> str:
     """Encode any string into one safe, reversible topic level."""
     if name == "":

@@ -97,7 +97,7 @@ def _vcpu_records(record: DomainRecord, known: Mapping[int, VcpuTrack]) -> Itera
     if record.origin is RecordOrigin.STATE_ONLY:
         # No VCPU group this time (inactive domain, or NOWAIT skipped a busy one):
         # carry the vCPUs we know with empty records; they will rebaseline.
-        return (VcpuRecord(index=n) for n in known)
+        return (VcpuRecord(vcpu=n) for n in known)
     return record.vcpus
 
 
@@ -108,9 +108,9 @@ def _advance_domain(
     known: Mapping[int, VcpuTrack] = prev.vcpus if prev is not None else {}
     vcpus: dict[int, VcpuTrack] = {}
     for vrec in _vcpu_records(record, known):
-        before = known.get(vrec.index)
+        before = known.get(vrec.vcpu)
         track = observe(before, vrec, record, th)
-        vcpus[vrec.index] = track
+        vcpus[vrec.vcpu] = track
         new = track.view
         if new is None:
             continue
@@ -121,7 +121,7 @@ def _advance_domain(
                 VcpuTransition(
                     domain=record.name,
                     uuid=record.uuid,
-                    vcpu=vrec.index,
+                    vcpu=vrec.vcpu,
                     before=before.view,
                     after=new,
                     at=record.t_wall,
@@ -134,7 +134,7 @@ def _advance_domain(
             VcpuStateSet(
                 domain=record.name,
                 uuid=record.uuid,
-                vcpu=vrec.index,
+                vcpu=vrec.vcpu,
                 view=new,
                 since=track.since,
                 at=record.t_wall,
@@ -194,7 +194,7 @@ def rebaseline(host: HostState) -> HostState:
     """
     return HostState(
         domains={
-            uuid: replace(dom, vcpus={n: replace(t, active=False) for n, t in dom.vcpus.items()})
+            uuid: replace(dom, vcpus={n: t._replace(active=False) for n, t in dom.vcpus.items()})
             for uuid, dom in host.domains.items()
         }
     )

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Set up everything on a fresh Debian 12 machine, as root (or with sudo):
+# the Debian packages (libvirt + QEMU for the real-guest tests, mosquitto, what
+# libvirt-python needs to build), then .venv with the project and its dev tools.
+# Idempotent: run it again any time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+PACKAGES=(
+  # libvirt-python builds from source against the system libvirt
+  libvirt-dev pkg-config gcc python3-dev python3-venv
+  # a real libvirtd with QEMU for the truth tests; only the x86 emulator: every
+  # extra emulator makes libvirtd's first capability probe minutes longer (NOTES)
+  libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
+  qemu-system-x86 qemu-utils seabios ipxe-qemu
+  # the truth guest is assembled from source
+  binutils
+  # a real broker for the tests and the demo; openssl makes the TLS test CA
+  mosquitto mosquitto-clients openssl
+  # systemd-analyze verifies the unit file
+  systemd
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[dev]'
+echo "setup: done ($(.venv/bin/vcpu-agent --version))"
