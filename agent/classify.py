@@ -78,11 +78,14 @@ class VcpuTrack(NamedTuple):
     pending_since: float = 0.0
     streak: int = 0
     suspect: bool = False  # a change may be under way: worth a quick second look
+    kvm: bool = False  # KVM stats seen while running: their absence means unreadable
 
 
 def _share(prev: VcpuRecord, cur: VcpuRecord, dt_ns: float) -> tuple[Source, float] | None:
     """The halted share of the interval, from the best counter both records hold."""
-    if prev.halt_wait_ns is not None and cur.halt_wait_ns is not None:
+    if cur.halt_wait_ns is not None:
+        if prev.halt_wait_ns is None:
+            return None  # KVM stats are back: take a baseline before trusting them
         delta = cur.halt_wait_ns - prev.halt_wait_ns
         if delta >= 0:  # a reset counter (guest or QEMU restart) is no evidence
             return Source.KVM, min(1.0, delta / dt_ns)
@@ -113,6 +116,11 @@ def evidence(prev: VcpuTrack | None, record: VcpuRecord, domain: DomainRecord) -
     if record.halted is not None:
         state = VcpuState.HALTED if record.halted else VcpuState.RUNNING
         return Evidence(state, Source.LIBVIRT, float(record.halted), immediate=True)
+    if prev is not None and prev.kvm and prev.active and record.halt_wait_ns is None:
+        # KVM's stats come from QEMU's monitor; a NOWAIT sample skips them when the
+        # domain's job is stuck (a frozen QEMU, a hung monitor). CPU time alone would
+        # call the frozen vCPUs halted: say we cannot tell.
+        return Evidence(VcpuState.UNKNOWN, Source.DOMSTATE, None, immediate=False)
     if record.halt_wait_ns is None and record.time_ns is None:
         if record.state == VcpuRunState.RUNNING:
             return Evidence(VcpuState.RUNNING, Source.VCPUSTATE, None, immediate=True)
@@ -169,6 +177,7 @@ def _track(
     pending_since: float = 0.0,
     streak: int = 0,
     suspect: bool = False,
+    kvm: bool = False,
 ) -> VcpuTrack:
     # Positional: keyword construction of a NamedTuple is markedly slower.
     return VcpuTrack(
@@ -184,6 +193,7 @@ def _track(
         pending_since,
         streak,
         suspect,
+        kvm,
     )
 
 
@@ -210,16 +220,21 @@ def observe(
         return prev  # the same sample again (or an older one): nothing new
     ev = evidence(prev, record, domain)
     dt = domain.t_mono - prev.t_mono if prev is not None else 0.0
+    kvm = record.halt_wait_ns is not None or (
+        prev is not None and prev.kvm and prev.active and domain.state.vcpus_active
+    )
     share = ev.share if ev is not None and not ev.immediate else None
     if ev is None:
         # Nothing measurable yet (first sample, or a counter reset): hold the state
         # and take this record as the new baseline.
         if prev is None:
-            return _track(record, domain, dt=dt, share=None, view=None, since=domain.t_wall)
-        return _track(record, domain, dt=dt, share=None, view=prev.view, since=prev.since)
+            return _track(
+                record, domain, dt=dt, share=None, view=None, since=domain.t_wall, kvm=kvm
+            )
+        return _track(record, domain, dt=dt, share=None, view=prev.view, since=prev.since, kvm=kvm)
     if prev is None:
         view = VcpuView(_decide(None, ev, th), ev.source, ev.share)
-        return _track(record, domain, dt=dt, share=share, view=view, since=domain.t_wall)
+        return _track(record, domain, dt=dt, share=share, view=view, since=domain.t_wall, kvm=kvm)
 
     state = _decide(prev.view, ev, th)
     decided = VcpuView(state, ev.source, ev.share)
@@ -229,7 +244,14 @@ def observe(
             decided = prev.view
         suspect = ev.share is not None and not ev.immediate and _suspect(prev, ev.share, state, th)
         return _track(
-            record, domain, dt=dt, share=share, view=decided, since=prev.since, suspect=suspect
+            record,
+            domain,
+            dt=dt,
+            share=share,
+            view=decided,
+            since=prev.since,
+            suspect=suspect,
+            kvm=kvm,
         )
 
     needed = 1 if ev.immediate else th.min_samples
@@ -241,7 +263,9 @@ def observe(
         prev.pending_since if continuing else _changed_at(prev, ev, state, domain.t_wall, dt)
     )
     if prev.view is None or streak >= needed:
-        return _track(record, domain, dt=dt, share=share, view=decided, since=pending_since)
+        return _track(
+            record, domain, dt=dt, share=share, view=decided, since=pending_since, kvm=kvm
+        )
     return _track(
         record,
         domain,
@@ -253,4 +277,5 @@ def observe(
         pending_since=pending_since,
         streak=streak,
         suspect=True,
+        kvm=kvm,
     )

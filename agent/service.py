@@ -30,7 +30,14 @@ from agent.mqtt import Publisher
 from agent.outbox import MemoryOutbox, Outbox
 from agent.render import Renderer, Sequencer
 from agent.sdnotify import Notifier
-from agent.source import ConnectionLost, LibvirtSource, SourceBusyError, SourceError, SourceEvent
+from agent.source import (
+    ConnectionLost,
+    LibvirtSource,
+    SourceBusyError,
+    SourceError,
+    SourceEvent,
+    SourceTimeoutError,
+)
 from agent.spool import SpoolError, SqliteSpool
 from agent.topics import Topics
 from agent.transitions import Change, HostState, VcpuTransition, advance, rebaseline, retire
@@ -191,7 +198,8 @@ class Service:
 
     async def _handle(self, event: SourceEvent) -> None:
         if isinstance(event, ConnectionLost):
-            await self._reconnect(event.reason)
+            if event.generation == self.source.generation:
+                await self._reconnect(event.reason)
             return
         self._on_lifecycle(event)
 
@@ -219,6 +227,11 @@ class Service:
             records = await self.source.sample()
         except SourceBusyError as err:
             log.warning("sample.skipped", reason=str(err))
+            return
+        except SourceTimeoutError as err:
+            # Most likely one domain's QEMU monitor hangs: the next NOWAIT sample
+            # (on the spare worker thread) skips its job and sees everyone else.
+            log.warning("sample.stalled", reason=str(err))
             return
         except SourceError as err:
             log.warning("sample.failed", reason=str(err))

@@ -56,6 +56,7 @@ class ConnectionLost:
     """libvirt closed the connection (daemon restart, keepalive timeout, EOF)."""
 
     reason: str
+    generation: int  # which connection: a late report about an old one is ignored
 
 
 SourceEvent = LifecycleEvent | ConnectionLost
@@ -110,8 +111,12 @@ class LibvirtSource:
         self.call_timeout = call_timeout
         self.keepalive = keepalive
         self._on_event = on_event
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="libvirt-call")
+        # Two threads: one for the current call, one that a stalled call may keep.
+        self._worker = ThreadPoolExecutor(max_workers=2, thread_name_prefix="libvirt-call")
         self._busy: Future[Any] | None = None
+        self._stalled: Future[Any] | None = None
+        self._stalled_what = ""
+        self.generation = 0  # +1 per connection: ConnectionLost of an old one is stale
         self._conn: libvirt.virConnect | None = None
         self._callback_ids: list[int] = []
         self._vcpu_group: bool | None = None  # learnt: does the driver fill VCPU stats?
@@ -119,6 +124,18 @@ class LibvirtSource:
     # -- calls in the worker ------------------------------------------------------
 
     async def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` in the worker under ``call_timeout``.
+
+        A call that times out keeps its thread (Python cannot cancel it) and is
+        parked as *stalled*; the next call gets the second thread. That matters:
+        the first bulk call after a QEMU freezes blocks inside libvirt on the
+        domain's monitor, while a second NOWAIT call skips that domain's busy job
+        and returns (NOTES.md; measured here). With both threads taken, calls are
+        refused (``SourceBusyError``) rather than queued, until one returns.
+        """
+        if self._stalled is not None and self._stalled.done():
+            log.info("libvirt.call_recovered", call=self._stalled_what)
+            self._stalled = None
         if self._busy is not None and not self._busy.done():
             raise SourceBusyError(f"{what}: the previous libvirt call is still running")
         future = self._worker.submit(fn)
@@ -127,6 +144,8 @@ class LibvirtSource:
             async with asyncio.timeout(self.call_timeout):
                 return await asyncio.wrap_future(future)
         except TimeoutError as err:
+            if self._stalled is None:
+                self._stalled, self._stalled_what, self._busy = future, what, None
             raise SourceTimeoutError(
                 f"{what}: no answer from libvirt in {self.call_timeout} s"
             ) from err
@@ -141,10 +160,12 @@ class LibvirtSource:
         """Connect, register every callback, set keepalive. Safe to call again."""
         loop = asyncio.get_running_loop()
         start_event_thread()
-        self._conn = await self._call("open " + self.uri, lambda: self._open(loop))
+        generation = self.generation + 1
+        self._conn = await self._call("open " + self.uri, lambda: self._open(loop, generation))
+        self.generation = generation
         log.info("libvirt.connected", uri=self.uri, read_only=self.read_only)
 
-    def _open(self, loop: asyncio.AbstractEventLoop) -> libvirt.virConnect:
+    def _open(self, loop: asyncio.AbstractEventLoop, generation: int) -> libvirt.virConnect:
         conn = libvirt.openReadOnly(self.uri) if self.read_only else libvirt.open(self.uri)
         emit = self._on_event
 
@@ -171,9 +192,8 @@ class LibvirtSource:
             loop.call_soon_threadsafe(emit, ev)
 
         def closed(_c: object, reason: int, _o: object) -> None:
-            loop.call_soon_threadsafe(
-                emit, ConnectionLost(_CLOSE_REASONS.get(reason, f"reason-{reason}"))
-            )
+            reason_text = _CLOSE_REASONS.get(reason, f"reason-{reason}")
+            loop.call_soon_threadsafe(emit, ConnectionLost(reason_text, generation))
 
         try:
             self._callback_ids = [

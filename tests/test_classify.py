@@ -131,3 +131,36 @@ def test_a_steady_mixed_load_is_not_a_suspect_every_time() -> None:
     for t in range(8):  # 50 % busy, steadily
         host, _ = advance(host, [busy(t, t * 0.5)], Thresholds(), complete=True)
     assert not host.suspects
+
+
+def test_kvm_stats_that_vanish_make_the_vcpu_unknown_then_it_recovers() -> None:
+    # A frozen QEMU: NOWAIT samples skip the monitor-derived KVM stats, CPU time
+    # stops. Without the rule, the vCPU would be called halted.
+    th = Thresholds(unknown_after=3)
+    t, hw, records = 0.0, 0, []
+    for _ in range(3):  # busy under KVM
+        records.append(dom(t, v0_state=1, v0_time=int(t * 1e9), v0_hw=hw))
+        t += 1
+    for _ in range(4):  # frozen: only /proc-based keys
+        records.append(dom(t, v0_state=1, v0_time=int(2e9)))
+        t += 1
+    for _ in range(3):  # thawed and busy again
+        records.append(dom(t, v0_state=1, v0_time=int(t * 1e9), v0_hw=hw))
+        t += 1
+    assert states(records, th) == [
+        None, VcpuState.RUNNING, VcpuState.RUNNING,
+        VcpuState.RUNNING, VcpuState.RUNNING, VcpuState.UNKNOWN, VcpuState.UNKNOWN,
+        VcpuState.UNKNOWN, VcpuState.RUNNING, VcpuState.RUNNING,
+    ]
+
+
+def test_a_guest_restarted_without_kvm_is_not_stuck_unknown() -> None:
+    records = [
+        dom(0, v0_state=1, v0_time=0, v0_hw=0),
+        dom(1, v0_state=1, v0_time=int(1e9), v0_hw=0),
+        dom(2, state=5),  # shut off; started again under TCG: no KVM stats any more
+        busy(3, 0.0),
+        busy(4, 1.0),
+    ]
+    assert states(records) == [None, VcpuState.RUNNING, VcpuState.NA, VcpuState.NA,
+                               VcpuState.RUNNING]
