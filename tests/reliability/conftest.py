@@ -49,8 +49,8 @@ def make_broker() -> Iterator[Callable[..., Mosquitto]]:
 def make_subscriber() -> Iterator[Callable[..., PersistentSubscriber]]:
     subs: list[PersistentSubscriber] = []
 
-    def make(port: int, topic: str) -> PersistentSubscriber:
-        sub = PersistentSubscriber(port, topic)
+    def make(port: int, topic: str, auth: tuple[str, str] | None = None) -> PersistentSubscriber:
+        sub = PersistentSubscriber(port, topic, auth=auth)
         subs.append(sub)
         return sub
 

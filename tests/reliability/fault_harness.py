@@ -48,7 +48,14 @@ class PersistentSubscriber:
     off, QoS 1): a broker with persistence queues what it misses while away, and it
     reconnects by itself after a broker restart."""
 
-    def __init__(self, port: int, topic: str, *, client_id: str | None = None) -> None:
+    def __init__(
+        self,
+        port: int,
+        topic: str,
+        *,
+        client_id: str | None = None,
+        auth: tuple[str, str] | None = None,
+    ) -> None:
         self.messages: list[Got] = []
         self.cond = threading.Condition()
         self.connects = 0
@@ -59,6 +66,8 @@ class PersistentSubscriber:
             clean_session=False,
         )
         self.client.reconnect_delay_set(1, 1)
+        if auth is not None:
+            self.client.username_pw_set(*auth)
         self.client.on_message = self._on_message
         self.client.on_connect = self._on_connect
         self.topic = topic
@@ -94,8 +103,11 @@ class PersistentSubscriber:
             return list(self.messages)
 
     def close(self) -> None:
-        self.client.loop_stop()
         self.client.disconnect()
+        self.client.loop_stop()
+        sock = self.client.socket()
+        if sock is not None:  # a broker that died under us leaves it open
+            sock.close()
 
 
 def agent_config(

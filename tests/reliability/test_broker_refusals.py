@@ -1,0 +1,215 @@
+"""Refusals and security against a real mosquitto: bad credentials, ACL denials, TLS.
+
+Each refusal must give a clear log event with the reason and a retry with backoff:
+never a crash, never a tight loop (connect attempts are counted), and the password
+never appears in any output. Certificates are made at test time with the openssl CLI.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from fault_harness import AGENT, AgentProcess, PersistentSubscriber, agent_config
+
+from agent.payloads import Status, decode
+from lab.mosquitto import Mosquitto, free_port
+
+WATCH = 3.0  # seconds each refusal is watched
+# reconnect_min 0.05 doubling to reconnect_max 0.3: at most ~12 attempts in WATCH s.
+# A client retrying without backoff would make hundreds.
+MAX_ATTEMPTS = 15
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    other_ca: Path  # a CA that signed nothing the broker presents
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _make_ca(d: Path, name: str) -> Path:
+    _openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        "-keyout", f"{name}.key", "-out", f"{name}.crt", "-subj", f"/CN={name}",
+        cwd=d,
+    )  # fmt: skip
+    return d / f"{name}.crt"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    d = tmp_path_factory.mktemp("pki")
+    ca = _make_ca(d, "test-ca")
+    other = _make_ca(d, "other-ca")
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    _openssl(
+        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key",
+        "-out", "server.csr", "-subj", "/CN=localhost",
+        cwd=d,
+    )  # fmt: skip
+    _openssl(
+        "x509", "-req", "-in", "server.csr", "-CA", "test-ca.crt", "-CAkey", "test-ca.key",
+        "-CAcreateserial", "-days", "2", "-out", "server.crt", "-extfile", "san.ext",
+        cwd=d,
+    )  # fmt: skip
+    return Pki(ca=ca, server_cert=d / "server.crt", server_key=d / "server.key", other_ca=other)
+
+
+def _password_broker(
+    make_broker: Callable[..., Mosquitto], tmp: Path, password: str, acl: str | None = None
+) -> Mosquitto:
+    pwfile = tmp / "mosquitto.passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(pwfile), "agent", password], check=True)
+    conf = f"allow_anonymous false\npassword_file {pwfile}\n"
+    if acl is not None:
+        (tmp / "mosquitto.acl").write_text(acl)
+        conf += f"acl_file {tmp / 'mosquitto.acl'}\n"
+    return make_broker(conf)
+
+
+def _secret(tmp: Path, text: str) -> Path:
+    path = tmp / "mqtt-password"
+    path.write_text(text + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def _watch(agent: AgentProcess) -> None:
+    time.sleep(WATCH)
+    assert agent.proc.poll() is None, agent.raw()[-2000:]  # still running: no crash
+    agent.signal(signal.SIGTERM)
+    assert agent.wait(timeout=5) == 0
+
+
+def test_bad_credentials_are_logged_with_the_reason_and_retried_with_backoff(
+    tmp: Path,
+    prefix: str,
+    make_broker: Callable[..., Mosquitto],
+    spawn: Callable[..., AgentProcess],
+) -> None:
+    real = f"right-{uuid.uuid4().hex}"
+    wrong = f"wrong-{uuid.uuid4().hex}"
+    broker = _password_broker(make_broker, tmp, real)
+    cfg = agent_config(
+        tmp / "agent.toml",
+        port=broker.port,
+        prefix=prefix,
+        mqtt={"username": "agent", "password_file": str(_secret(tmp, wrong))},
+    )
+    agent = spawn([*AGENT, "run", "--config", str(cfg)])
+    _watch(agent)
+    failures = agent.events("mqtt.connect_failed")
+    assert 2 <= len(failures) <= MAX_ATTEMPTS
+    # mosquitto 2.0 answers a bad password with CONNACK 135 (MQTT 5 "Not authorized").
+    assert all("[code:135] Not authorized" in str(f["reason"]) for f in failures), failures[0]
+    delays = [float(str(f["retry_in"])) for f in failures]
+    assert delays[:3] == [0.05, 0.1, 0.2]  # exponential ...
+    assert max(delays) == 0.3  # ... and capped
+    assert wrong not in agent.raw()
+    assert not agent.events("mqtt.connected")
+
+
+def test_publishes_the_broker_does_not_authorise_stay_spooled_and_are_retried_with_backoff(
+    tmp: Path,
+    prefix: str,
+    make_broker: Callable[..., Mosquitto],
+    spawn: Callable[..., AgentProcess],
+) -> None:
+    password = f"pw-{uuid.uuid4().hex}"
+    broker = _password_broker(make_broker, tmp, password, acl="user agent\ntopic read #\n")
+    spool = tmp / "spool.sqlite3"
+    cfg = agent_config(
+        tmp / "agent.toml",
+        port=broker.port,
+        prefix=prefix,
+        spool=spool,
+        mqtt={"username": "agent", "password_file": str(_secret(tmp, password))},
+    )
+    agent = spawn([*AGENT, "run", "--config", str(cfg)])
+    _watch(agent)
+    refusals = agent.events("mqtt.publish_refused")
+    assert 2 <= len(refusals) <= MAX_ATTEMPTS
+    assert "code:135" in str(refusals[0]["reason"])  # Not authorized
+    assert "Not authorized" in str(refusals[0]["reason"])
+    assert password not in agent.raw()
+
+
+def test_a_broker_certificate_from_an_unknown_ca_is_refused_and_retried_with_backoff(
+    tmp: Path,
+    prefix: str,
+    pki: Pki,
+    make_broker: Callable[..., Mosquitto],
+    spawn: Callable[..., AgentProcess],
+) -> None:
+    tls_port = free_port()
+    make_broker(
+        f"listener {tls_port} 127.0.0.1\ncafile {pki.ca}\n"
+        f"certfile {pki.server_cert}\nkeyfile {pki.server_key}\n"
+    )
+    cfg = agent_config(
+        tmp / "agent.toml",
+        port=tls_port,
+        prefix=prefix,
+        mqtt={"tls": True, "ca_file": str(pki.other_ca)},
+    )
+    agent = spawn([*AGENT, "run", "--config", str(cfg)])
+    _watch(agent)
+    failures = agent.events("mqtt.connect_failed")
+    assert 2 <= len(failures) <= MAX_ATTEMPTS
+    assert "CERTIFICATE_VERIFY_FAILED" in str(failures[0]["reason"])
+    assert not agent.events("mqtt.connected")
+
+
+def test_tls_with_a_ca_made_at_test_time_and_a_password_connects_and_never_logs_the_password(
+    tmp: Path,
+    prefix: str,
+    pki: Pki,
+    make_broker: Callable[..., Mosquitto],
+    make_subscriber: Callable[..., PersistentSubscriber],
+    spawn: Callable[..., AgentProcess],
+) -> None:
+    password = f"tls-pw-{uuid.uuid4().hex}"
+    pwfile = tmp / "mosquitto.passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(pwfile), "agent", password], check=True)
+    tls_port = free_port()
+    # The agent uses the TLS listener; the test's subscriber the plain one (lab
+    # default); the password file applies to both.
+    broker = make_broker(
+        f"listener {tls_port} 127.0.0.1\ncafile {pki.ca}\n"
+        f"certfile {pki.server_cert}\nkeyfile {pki.server_key}\n"
+        f"allow_anonymous false\npassword_file {pwfile}\n"
+    )
+    sub = make_subscriber(broker.port, f"{prefix}/#", auth=("agent", password))
+    cfg = agent_config(
+        tmp / "agent.toml",
+        port=tls_port,
+        prefix=prefix,
+        mqtt={
+            "tls": True,
+            "ca_file": str(pki.ca),
+            "username": "agent",
+            "password_file": str(_secret(tmp, password)),
+        },
+    )
+    agent = spawn([*AGENT, "run", "--config", str(cfg)])
+    sub.wait(lambda: any(m.topic.endswith("/status") for m in sub.snapshot()))
+    first = decode(next(m for m in sub.snapshot() if m.topic.endswith("/status")).payload)
+    assert isinstance(first, Status)
+    assert first.status == "online"
+    agent.signal(signal.SIGTERM)
+    assert agent.wait(timeout=5) == 0
+    everything = agent.raw() + broker.log_tail(10_000)
+    assert password not in everything
+    assert "mqtt.connected" in agent.raw()
