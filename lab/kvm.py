@@ -2,8 +2,9 @@
 
 /dev/kvm on this kind of machine exists (nested) but starts ``crw------- root
 root``, so QEMU, which libvirt runs as ``libvirt-qemu`` (a member of group
-``kvm``), cannot open it. ``KvmAccess`` grants ``kvm:0660`` for the duration of a
-lab session and restores the original owner group and mode afterwards.
+``kvm``), cannot open it. ``grant_kvm`` makes it ``kvm:0660`` and returns the
+original mode and group, which ``restore_kvm`` puts back (lab/libvirtd.py does
+that when the last lab user leaves).
 
 Do it BEFORE libvirtd starts: libvirtd caches per-emulator capabilities and
 re-probes every emulator when /dev/kvm's permissions (ctime) change, which took
@@ -20,8 +21,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Literal, Self
+from typing import Literal
 
 VirtType = Literal["kvm", "qemu"]
 
@@ -89,52 +89,30 @@ def probe_kvm(device: Path = KVM_DEVICE, group: str = KVM_GROUP) -> KvmStatus:
     return KvmStatus(True, f"{device} usable (group {group}, mode {stat.filemode(st.st_mode)})")
 
 
-class KvmAccess:
-    """Context manager: make /dev/kvm ``kvm:0660`` if we can, restore it on exit.
+def grant_kvm(device: Path = KVM_DEVICE, group: str = KVM_GROUP) -> tuple[int, int] | None:
+    """Make ``device`` ``group:0660`` if we can; return the (mode, gid) it had.
 
-    ``status`` is the probe after the fix-up. Without root, or without the
-    device, nothing is changed and ``status`` says why KVM is unusable.
+    Returns None when nothing was changed: not root, no device or group, or it
+    was right already (then its ctime is left alone, so libvirtd keeps its
+    capability cache).
     """
+    if os.geteuid() != 0:
+        return None
+    try:
+        st = device.stat()
+        gid = grp.getgrnam(group).gr_gid
+    except (FileNotFoundError, KeyError):
+        return None
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_gid == gid and mode == KVM_MODE:
+        return None
+    os.chown(device, -1, gid)
+    os.chmod(device, KVM_MODE)
+    return mode, st.st_gid
 
-    def __init__(self, device: Path = KVM_DEVICE, group: str = KVM_GROUP) -> None:
-        self._device = device
-        self._group = group
-        self._saved: tuple[int, int] | None = None  # (mode bits, gid) to restore
-        self.status = KvmStatus(False, "not probed yet")
 
-    def __enter__(self) -> Self:
-        self._grant()
-        self.status = probe_kvm(self._device, self._group)
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.restore()
-
-    def _grant(self) -> None:
-        if os.geteuid() != 0:
-            return
-        try:
-            st = self._device.stat()
-            gid = grp.getgrnam(self._group).gr_gid
-        except (FileNotFoundError, KeyError):
-            return
-        mode = stat.S_IMODE(st.st_mode)
-        if st.st_gid == gid and mode == KVM_MODE:
-            return  # already right: leave ctime alone so libvirtd keeps its cache
-        self._saved = (mode, st.st_gid)
-        os.chown(self._device, -1, gid)
-        os.chmod(self._device, KVM_MODE)
-
-    def restore(self) -> None:
-        """Put back the original mode and group (idempotent)."""
-        if self._saved is None:
-            return
-        mode, gid = self._saved
-        self._saved = None
-        os.chown(self._device, -1, gid)
-        os.chmod(self._device, mode)
+def restore_kvm(saved: tuple[int, int], device: Path = KVM_DEVICE) -> None:
+    """Put back what ``grant_kvm`` returned."""
+    mode, gid = saved
+    os.chown(device, -1, gid)
+    os.chmod(device, mode)

@@ -53,12 +53,18 @@ def sample_within_phase(
     span_s: float,
     attempts: int = 4,
     phase_timeout_s: float = 30.0,
+    require: str | None = None,
 ) -> tuple[DomainSample, DomainSample]:
     """Two samples ``span_s`` apart, both inside one ``phase`` per the truth.
 
     Waits for the next marker of ``phase``, samples ``lead_s`` after it and
     ``span_s`` later, then checks that no other marker arrived before the second
     sample; a host hiccup that breaks that is retried, not misreported.
+
+    ``require``: retry a window where a sample lacks this key. With NOWAIT,
+    libvirt skips the monitor (QMP query-stats: all KVM ``*.sum``/``*.cur``
+    keys) of a domain whose job another client holds at that moment, so such
+    keys vanish from some samples whenever something else polls the same guest.
     """
     for _ in range(attempts):
         seen = len(truth.markers())
@@ -68,9 +74,11 @@ def sample_within_phase(
         time.sleep(max(0.0, a.t_mono + span_s - time.monotonic()))
         b = sample_domain(conn, uuid)
         later = [m for m in truth.markers() if m.t_mono > start]
-        if not later or later[0].t_mono > b.t_mono:
+        clean = not later or later[0].t_mono > b.t_mono
+        if clean and (require is None or (require in a.stats and require in b.stats)):
             return a, b
-    raise RuntimeError(f"no clean {phase} window of {span_s} s in {attempts} attempts")
+    missing = f" with {require!r} in both samples" if require else ""
+    raise RuntimeError(f"no clean {phase} window of {span_s} s{missing} in {attempts} attempts")
 
 
 def _next_marker(truth: SerialTruth, phase: Phase, seen: int, timeout_s: float) -> float:

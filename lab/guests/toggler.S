@@ -6,6 +6,15 @@
 # NOT used: it would count at 18.2 Hz only while the BIOS handler owns IRQ0,
 # and its 55 ms granularity is too coarse for sub-second phases.
 #
+# Lost ticks: when the host is overloaded (more busy vCPUs than cores) a vCPU
+# thread can miss a whole tick; the PIC latches only one pending IRQ0, so a
+# plain "incw ticks" would lose it and stretch the phase. The handler therefore
+# counts PIT periods elapsed on the ACPI PM timer (port 0x608 on QEMU's PIIX4,
+# 3.579545 MHz, 24 bits, same virtual clock as the PIT; one PIT period is 35796
+# PM clocks) and adds that many ticks. The remainder starts at half a period,
+# so a handler running up to 5 ms late still counts exactly one tick, and the
+# tick grid (hence phase boundaries) stays that of the PIT.
+#
 # Phases: each phase lasts exactly BUSY_TICKS / HALT_TICKS ticks, measured from
 # the previous phase boundary (not from "now"), so phases never drift. The
 # marker byte ('B' or 'H') is written to COM1 right after the tick that ends the
@@ -30,6 +39,8 @@
 
         .set COM1, 0x3f8
         .set PIT_DIVISOR, 11932         # 1193182 Hz / 11932 = 100.0 Hz
+        .set PM_TMR, 0x608              # ACPI PM timer (PIIX4 PMBASE 0x600 + 8)
+        .set PIT_PERIOD_PM, 35796       # 11932 PIT clocks * 3 = PM clocks per tick
 
 _start:
         cli
@@ -52,6 +63,9 @@ normalize:
         outb    %al, $0x40
         movb    $(PIT_DIVISOR >> 8), %al
         outb    %al, $0x40
+        movw    $PM_TMR, %dx            # reference point of the tick grid
+        inl     %dx, %eax
+        movl    %eax, pm_last
 
         # Mask every PIC line but IRQ0, so nothing else wakes the halted vCPU.
         movb    $0xfe, %al
@@ -101,15 +115,33 @@ putc:
         ret
 
 irq0:
+        pushl   %eax
+        pushl   %edx
+        movw    $PM_TMR, %dx
+        inl     %dx, %eax
+        movl    %eax, %edx
+        subl    %cs:pm_last, %eax
+        movl    %edx, %cs:pm_last
+        andl    $0xffffff, %eax         # the PM timer is 24 bits wide: wraps at 4.7 s
+        addl    %eax, %cs:pm_rem
+3:      cmpl    $PIT_PERIOD_PM, %cs:pm_rem
+        jb      4f
+        subl    $PIT_PERIOD_PM, %cs:pm_rem
         incw    %cs:ticks               # a word write: atomic for the readers
-        pushw   %ax
-        movb    $0x20, %al              # non-specific EOI to the master PIC
+        jmp     3b
+4:      movb    $0x20, %al              # non-specific EOI to the master PIC
         outb    %al, $0x20
-        popw    %ax
+        popl    %edx
+        popl    %eax
         iret
 
 ticks:
         .word   0
+        .balign 4
+pm_last:
+        .long   0
+pm_rem:
+        .long   PIT_PERIOD_PM / 2
 
         # Parameters, at a fixed offset so lab/guest.py can verify an image.
         .org    0x1f0

@@ -9,6 +9,7 @@ trusting the wall clock alone.
 from __future__ import annotations
 
 import itertools
+import statistics
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +30,8 @@ HALTED_S = 1.0
 BOOT_TIMEOUT_S = 60.0
 # Phase boundaries are exact 10 ms guest ticks; what we see adds the QEMU ->
 # virtlogd -> inotify path (measured: a few ms) and host scheduling on 2 cores.
-PHASE_TOLERANCE_S = 0.06
+PHASE_TOLERANCE_S = 0.15
+MEDIAN_TOLERANCE_S = 0.008
 # Placement of a stats window inside a 1.0 s phase: clear of both boundaries.
 WINDOW_LEAD_S = 0.15
 WINDOW_SPAN_S = 0.7
@@ -57,10 +59,14 @@ def test_markers_alternate_starting_with_busy(toggler: Guest) -> None:
 
 
 def test_phases_last_as_configured(toggler: Guest) -> None:
-    markers = toggler.truth.wait_for(7, timeout_s=30)
+    markers = toggler.truth.wait_for(9, timeout_s=30)
     expected = {"busy": BUSY_S, "halted": HALTED_S}
-    for phase, length in _intervals(markers):
-        assert length == pytest.approx(expected[phase], abs=PHASE_TOLERANCE_S), (phase, length)
+    errors = [length - expected[phase] for phase, length in _intervals(markers)]
+    # Typical error is < 1 ms (KVM) / ~3 ms (TCG); a phase one 10 ms tick too
+    # long or short would move the median by 10 ms. Single intervals may be off
+    # by host scheduling (a descheduled vCPU emits its marker late).
+    assert abs(statistics.median(errors)) < MEDIAN_TOLERANCE_S, errors
+    assert max(abs(e) for e in errors) < PHASE_TOLERANCE_S, errors
 
 
 def test_vcpu_time_grows_while_busy_and_stalls_while_halted(
@@ -72,9 +78,15 @@ def test_vcpu_time_grows_while_busy_and_stalls_while_halted(
     halted = sample_within_phase(
         lab_conn, toggler.uuid, toggler.truth, "halted", lead_s=WINDOW_LEAD_S, span_s=WINDOW_SPAN_S
     )
-    # Measured here: ~1.00 busy, 0.00-0.04 halted (10 ms counter steps).
-    assert rate(*busy, "vcpu.0.time") > 0.6
+    # Measured on an idle host: time ~1.00 busy, 0.00-0.04 halted (10 ms steps).
+    # On an overloaded host (other sessions' guests on our 2 cores) a busy vCPU
+    # runs only part of the time and waits in the run queue for the rest:
+    # time + delay (run-queue wait) stays ~1.0 busy, while a halted vCPU sleeps
+    # and grows neither.
+    assert rate(*busy, "vcpu.0.time") > 0.1
+    assert rate(*busy, "vcpu.0.time") + rate(*busy, "vcpu.0.delay") > 0.8
     assert rate(*halted, "vcpu.0.time") < 0.1
+    assert rate(*halted, "vcpu.0.time") + rate(*halted, "vcpu.0.delay") < 0.15
 
 
 def test_parked_vcpu_accumulates_no_time(lab_conn: libvirt.virConnect, toggler: Guest) -> None:
@@ -89,30 +101,48 @@ def test_parked_vcpu_accumulates_no_time(lab_conn: libvirt.virConnect, toggler: 
 
 
 @pytest.mark.kvm
+@pytest.mark.parametrize("virt_type", ["kvm"], indirect=True)
 def test_kvm_halt_wait_grows_only_while_halted(
-    lab_conn: libvirt.virConnect, toggler: Guest, virt_type: VirtType
+    lab_conn: libvirt.virConnect, toggler: Guest
 ) -> None:
-    if virt_type != "kvm":
-        pytest.skip("halt_wait_ns is a KVM statistic; TCG has none")
     key = "vcpu.0.halt_wait_ns.sum"
     busy = sample_within_phase(
-        lab_conn, toggler.uuid, toggler.truth, "busy", lead_s=WINDOW_LEAD_S, span_s=WINDOW_SPAN_S
+        lab_conn,
+        toggler.uuid,
+        toggler.truth,
+        "busy",
+        lead_s=WINDOW_LEAD_S,
+        span_s=WINDOW_SPAN_S,
+        attempts=8,
+        require=key,
     )
     halted = sample_within_phase(
-        lab_conn, toggler.uuid, toggler.truth, "halted", lead_s=WINDOW_LEAD_S, span_s=WINDOW_SPAN_S
+        lab_conn,
+        toggler.uuid,
+        toggler.truth,
+        "halted",
+        lead_s=WINDOW_LEAD_S,
+        span_s=WINDOW_SPAN_S,
+        attempts=8,
+        require=key,
     )
-    assert key in busy[0].stats, sorted(busy[0].stats)
     # Measured here: 0.00 busy, ~0.99-1.00 halted.
     assert rate(*halted, key) > 0.8
     assert rate(*busy, key) < 0.1
 
 
-def test_tcg_exposes_no_kvm_statistics(
+def test_kvm_statistics_appear_only_under_kvm(
     toggler: Guest, lab_conn: libvirt.virConnect, virt_type: VirtType
 ) -> None:
     stats = sample_domain(lab_conn, toggler.uuid).stats
     kvm_keys = [k for k in stats if k.endswith((".sum", ".cur", ".max"))]
     if virt_type == "kvm":
+        # With NOWAIT a concurrent poller can make KVM keys vanish from a sample.
+        for _ in range(20):
+            if "vcpu.1.halt_wait_ns.sum" in kvm_keys:
+                break
+            stats = sample_domain(lab_conn, toggler.uuid).stats
+            kvm_keys = [k for k in stats if k.endswith((".sum", ".cur", ".max"))]
         assert "vcpu.1.halt_wait_ns.sum" in kvm_keys
     else:
         assert kvm_keys == []
