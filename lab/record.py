@@ -157,6 +157,15 @@ def _record_guests(
     }
     if hotplug_meta is not None:
         meta["hotplug"] = hotplug_meta
+    if virt_type == "kvm":
+        # NOWAIT drops the monitor-provided KVM keys of a domain whose job another
+        # client holds at that instant (e.g. an agent polling all domains).
+        meta["samples_without_kvm_keys"] = sum(
+            1
+            for s in samples
+            for d in s["domains"]
+            if not any(k.endswith(".sum") for k in d["stats"])
+        )
     by_domain = {g.name: [asdict(m) for m in g.truth.markers()] for _, g in guests}
     return {
         "meta": meta,
