@@ -85,8 +85,11 @@ def main(argv: list[str] | None = None) -> int:
                             for a, b in itertools.pairwise(markers)
                         ]
                         print(f"{virt_type}: {guest.truth.stats()}")
+                        pool.destroy(guest)  # one guest at a time: no self-inflicted load
                     print(_summary(f"{virt_type}: boot (created -> first marker)", boots))
                     print(_summary(f"{virt_type}: |phase length error|", errors))
+                for vcpus in (1, 2):  # the lab.record scenario
+                    pool.start(GuestSpec(image=image, virt_type="qemu", vcpus=vcpus))
                 flags = libvirt.VIR_DOMAIN_STATS_VCPU | libvirt.VIR_DOMAIN_STATS_STATE
                 nowait = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
                 calls: list[float] = []

@@ -111,6 +111,8 @@ class SerialTruth:
 
     def stop(self) -> None:
         """Stop the thread; bytes it has not seen yet are not turned into markers."""
+        if self._ifd < 0:
+            return  # stopped already
         if self._thread is not None:
             os.write(self._stop_w, b"x")
             self._thread.join()
