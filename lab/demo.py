@@ -425,7 +425,7 @@ class Demo:
         daemon = Libvirtd()
         daemon.start()
         self._stack.callback(daemon.stop)
-        if daemon.owns_libvirtd:
+        if daemon.startup_s is not None:
             self.say(f"started libvirtd pid {daemon.libvirtd_pid} (took {daemon.startup_s:.1f} s)")
         else:
             self.say(f"using the libvirtd already answering on {daemon.uri}")
@@ -506,7 +506,7 @@ class Demo:
         if truth is None and not self.args.all:
             return
         latency = error = ""
-        if truth is not None:
+        if truth is not None and body.to_state in ("running", "halted"):
             phase: Phase = "halted" if body.to_state == "halted" else "busy"
             starts = [m for m in truth() if m.phase == phase and m.t_wall <= arrival.wall]
             if starts:

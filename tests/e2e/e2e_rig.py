@@ -1,0 +1,41 @@
+"""The ``Rig`` the e2e fixtures hand to tests (a module of its own so tests can name it).
+
+pytest puts this directory on ``sys.path`` (rootdir-relative "prepend" imports of
+a directory without ``__init__.py``), so tests import it as ``e2e_rig``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import libvirt
+
+from lab.demo import AgentProcess, Feed
+from lab.domains import GuestPool
+from lab.kvm import VirtType
+
+
+@dataclass(frozen=True, slots=True)
+class Rig:
+    """What a test needs to drive guests and read what the agent published."""
+
+    agent: AgentProcess
+    feed: Feed
+    pool: GuestPool
+    conn: libvirt.virConnect
+    virt_type: VirtType
+    interval: float
+    port: int
+
+    @property
+    def prefix(self) -> str:
+        return self.agent.prefix
+
+    @property
+    def host_id(self) -> str:
+        return self.agent.host_id
+
+    @property
+    def expected_source(self) -> str:
+        """Where halted-ness comes from: KVM's halt-wait stat, or CPU time under TCG."""
+        return "kvm" if self.virt_type == "kvm" else "cputime"
