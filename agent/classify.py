@@ -7,7 +7,8 @@ A vCPU's state is decided from the best evidence its record offers, in this orde
 3. libvirt reports it blocked (Xen)              -> ``blocked``  (vcpustate)
 4. ``vcpu.<n>.halted`` is present (s390)         -> halted/running (libvirt)
 5. the share of wall time in KVM's halt-wait     -> halted/running (kvm)
-6. the share of wall time not spent on CPU       -> halted/running (cputime)
+6. the share of wall time neither on a CPU nor    -> halted/running (cputime)
+   waiting for one (vcpu.<n>.time + .delay)
 7. only a run state is known (test driver, Xen)  -> running       (vcpustate)
 
 Shares (5, 6) go through hysteresis: a running vCPU becomes halted when its halted
@@ -93,6 +94,11 @@ def _share(prev: VcpuRecord, cur: VcpuRecord, dt_ns: float) -> tuple[Source, flo
     if prev.time_ns is not None and cur.time_ns is not None:
         delta = cur.time_ns - prev.time_ns
         if delta >= 0:
+            # A vCPU that wants to run but waits for a host CPU (vcpu.<n>.delay, the
+            # thread's run_delay) is busy, not halted: on a contended host CPU time
+            # alone would call a starved busy vCPU halted.
+            if prev.delay_ns is not None and cur.delay_ns is not None:
+                delta += max(0, cur.delay_ns - prev.delay_ns)
             return Source.CPUTIME, max(0.0, 1.0 - delta / dt_ns)
     return None
 

@@ -108,6 +108,7 @@ class VcpuRecord(NamedTuple):
     time_ns: int | None = None
     halted: bool | None = None
     halt_wait_ns: int | None = None
+    delay_ns: int | None = None  # time runnable but waiting for a host CPU (run_delay)
 
 
 @dataclass(frozen=True, slots=True)

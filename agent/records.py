@@ -28,14 +28,25 @@ def _int(stats: Mapping[str, object], key: str) -> int | None:
 
 
 @functools.lru_cache(maxsize=MAX_VCPUS)
-def _vcpu_keys(n: int) -> tuple[str, str, str, str]:
-    return f"vcpu.{n}.state", f"vcpu.{n}.time", f"vcpu.{n}.halted", f"vcpu.{n}.halt_wait_ns.sum"
+def _vcpu_keys(n: int) -> tuple[str, str, str, str, str]:
+    return (
+        f"vcpu.{n}.state",
+        f"vcpu.{n}.time",
+        f"vcpu.{n}.halted",
+        f"vcpu.{n}.halt_wait_ns.sum",
+        f"vcpu.{n}.delay",
+    )
 
 
 def _vcpu(stats: Mapping[str, object], n: int) -> VcpuRecord:
-    state, time_ns, halted, halt_wait = _vcpu_keys(n)
+    state, time_ns, halted, halt_wait, delay = _vcpu_keys(n)
     return VcpuRecord(
-        n, _int(stats, state), _int(stats, time_ns), _bool(stats, halted), _int(stats, halt_wait)
+        n,
+        _int(stats, state),
+        _int(stats, time_ns),
+        _bool(stats, halted),
+        _int(stats, halt_wait),
+        _int(stats, delay),
     )
 
 

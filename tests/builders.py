@@ -25,8 +25,13 @@ def dom(
         stats["vcpu.maximum"] = maximum if maximum is not None else current
     for key, value in vcpu_keys.items():
         index, _, field = key[1:].partition("_")
-        name_map = {"time": "time", "state": "state", "halted": "halted",
-                    "hw": "halt_wait_ns.sum"}
+        name_map = {
+            "time": "time",
+            "state": "state",
+            "halted": "halted",
+            "hw": "halt_wait_ns.sum",
+            "delay": "delay",
+        }
         stats[f"vcpu.{index}.{name_map[field]}"] = value
     return domain_record(name=name, uuid=uuid, stats=stats, t_mono=t, t_wall=1e9 + t)
 

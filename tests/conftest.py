@@ -13,6 +13,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from lab.libvirtd import Libvirtd
 from lab.mosquitto import Mosquitto
 
 
@@ -20,6 +21,15 @@ from lab.mosquitto import Mosquitto
 def broker() -> Iterator[Mosquitto]:
     with Mosquitto() as mosquitto:
         yield mosquitto
+
+
+@pytest.fixture(scope="session")
+def libvirtd() -> Iterator[Libvirtd]:
+    """THE libvirtd of this test session: borrowed if one answers, else started by
+    PID (virtlogd too) and stopped at the end. One object for every test, so a
+    test that restarts libvirtd is not refused for "other users" of it."""
+    with Libvirtd() as daemon:
+        yield daemon
 
 
 @pytest.fixture

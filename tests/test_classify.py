@@ -45,18 +45,34 @@ def test_the_s390_halted_flag_is_taken_at_once() -> None:
 def test_hysteresis_holds_a_state_inside_the_band() -> None:
     # 50 % busy sits between halted_leave (0.3) and halted_enter (0.7): no flapping.
     records = [busy(0, 0.0), busy(1, 0.0), busy(2, 0.5), busy(3, 0.9), busy(4, 1.5)]
-    assert states(records) == [None, VcpuState.HALTED, VcpuState.HALTED, VcpuState.HALTED,
-                               VcpuState.HALTED]
+    assert states(records) == [
+        None,
+        VcpuState.HALTED,
+        VcpuState.HALTED,
+        VcpuState.HALTED,
+        VcpuState.HALTED,
+    ]
     records = [busy(0, 0.0), busy(1, 1.0), busy(2, 1.5), busy(3, 2.1), busy(4, 2.4)]
-    assert states(records) == [None, VcpuState.RUNNING, VcpuState.RUNNING, VcpuState.RUNNING,
-                               VcpuState.HALTED]
+    assert states(records) == [
+        None,
+        VcpuState.RUNNING,
+        VcpuState.RUNNING,
+        VcpuState.RUNNING,
+        VcpuState.HALTED,
+    ]
 
 
 def test_min_samples_debounces_a_single_odd_sample() -> None:
     th = Thresholds(min_samples=2)
     records = [busy(0, 0), busy(1, 1), busy(2, 1), busy(3, 2), busy(4, 2), busy(5, 2)]
-    assert states(records, th) == [None, VcpuState.RUNNING, VcpuState.RUNNING,
-                                   VcpuState.RUNNING, VcpuState.RUNNING, VcpuState.HALTED]
+    assert states(records, th) == [
+        None,
+        VcpuState.RUNNING,
+        VcpuState.RUNNING,
+        VcpuState.RUNNING,
+        VcpuState.RUNNING,
+        VcpuState.HALTED,
+    ]
 
 
 def test_a_paused_domain_makes_every_vcpu_na_at_once() -> None:
@@ -68,8 +84,13 @@ def test_after_a_resume_counters_take_a_fresh_baseline() -> None:
     # While paused the CPU time did not grow; measuring across the pause would
     # call a busy vCPU halted.
     records = [busy(0, 0), busy(1, 1), busy(2, 1, state=3), busy(10, 1), busy(11, 2)]
-    assert states(records) == [None, VcpuState.RUNNING, VcpuState.NA, VcpuState.NA,
-                               VcpuState.RUNNING]
+    assert states(records) == [
+        None,
+        VcpuState.RUNNING,
+        VcpuState.NA,
+        VcpuState.NA,
+        VcpuState.RUNNING,
+    ]
 
 
 def test_vcpus_beyond_vcpu_current_are_offline() -> None:
@@ -148,9 +169,16 @@ def test_kvm_stats_that_vanish_make_the_vcpu_unknown_then_it_recovers() -> None:
         records.append(dom(t, v0_state=1, v0_time=int(t * 1e9), v0_hw=hw))
         t += 1
     assert states(records, th) == [
-        None, VcpuState.RUNNING, VcpuState.RUNNING,
-        VcpuState.RUNNING, VcpuState.RUNNING, VcpuState.UNKNOWN, VcpuState.UNKNOWN,
-        VcpuState.UNKNOWN, VcpuState.RUNNING, VcpuState.RUNNING,
+        None,
+        VcpuState.RUNNING,
+        VcpuState.RUNNING,
+        VcpuState.RUNNING,
+        VcpuState.RUNNING,
+        VcpuState.UNKNOWN,
+        VcpuState.UNKNOWN,
+        VcpuState.UNKNOWN,
+        VcpuState.RUNNING,
+        VcpuState.RUNNING,
     ]
 
 
@@ -162,5 +190,22 @@ def test_a_guest_restarted_without_kvm_is_not_stuck_unknown() -> None:
         busy(3, 0.0),
         busy(4, 1.0),
     ]
-    assert states(records) == [None, VcpuState.RUNNING, VcpuState.NA, VcpuState.NA,
-                               VcpuState.RUNNING]
+    assert states(records) == [
+        None,
+        VcpuState.RUNNING,
+        VcpuState.NA,
+        VcpuState.NA,
+        VcpuState.RUNNING,
+    ]
+
+
+def test_a_busy_vcpu_starved_of_host_cpu_is_still_running() -> None:
+    # 30 % on a CPU and 65 % waiting in the host's run queue: busy, not 70 % halted.
+    records = [
+        dom(0, v0_state=1, v0_time=0, v0_delay=0),
+        dom(1, v0_state=1, v0_time=int(0.3e9), v0_delay=int(0.65e9)),
+        dom(2, v0_state=1, v0_time=int(0.6e9), v0_delay=int(1.3e9)),
+    ]
+    assert states(records) == [None, VcpuState.RUNNING, VcpuState.RUNNING]
+    without_delay = [dom(0, v0_state=1, v0_time=0), dom(1, v0_state=1, v0_time=int(0.3e9))]
+    assert states(without_delay) == [None, VcpuState.HALTED]
