@@ -72,17 +72,17 @@ def main() -> None:
     n = args.events
     with Mosquitto() as broker, tempfile.TemporaryDirectory() as tmp:
         print(f"{n} events at QoS 1 to mosquitto on 127.0.0.1:{broker.port}")
-        print(f"{'outbox':<28} {'batch':>5} {'events/s':>10} {'commits':>8}")
+        print(f"{'outbox':<28} {'batch':>6} {'events/s':>10} {'commits':>8}")
         for batch in (1, 10, 100, 0):
             rate = asyncio.run(_run(broker.port, MemoryOutbox(n + 1), n, batch))
-            print(f"{'memory':<28} {batch or 'replay':>5} {rate:>10,.0f} {'-':>8}")
+            print(f"{'memory':<28} {batch or 'replay':>6} {rate:>10,.0f} {'-':>8}")
             sync: Literal["normal", "full"]
             for sync in ("normal", "full"):
                 path = Path(tmp) / f"spool-{sync}-{batch}.sqlite3"
                 spool = SqliteSpool(path, n + 1, synchronous=sync)
                 rate = asyncio.run(_run(broker.port, spool, n, batch))
                 print(
-                    f"{'sqlite synchronous=' + sync:<28} {batch:>5} {rate:>10,.0f} "
+                    f"{'sqlite synchronous=' + sync:<28} {batch or 'replay':>6} {rate:>10,.0f} "
                     f"{spool.commits:>8}"
                 )
                 spool.close()
