@@ -13,8 +13,10 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from agent.config import Config
 from lab.libvirtd import Libvirtd
 from lab.mosquitto import Mosquitto
+from tests.testdriver import RunningAgent, start_agent
 
 
 @pytest.fixture(scope="session")
@@ -109,3 +111,19 @@ def subscribe(broker: Mosquitto) -> Iterator[Callable[[str], Subscriber]]:
     yield make
     for sub in subs:
         sub.close()
+
+
+@pytest.fixture
+def run_agent() -> Iterator[Callable[[Config], RunningAgent]]:
+    """Start the agent in-process (test driver); every one is stopped afterwards."""
+    started: list[RunningAgent] = []
+
+    def start(cfg: Config) -> RunningAgent:
+        agent = start_agent(cfg)
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        if agent.thread.is_alive():
+            agent.stop()

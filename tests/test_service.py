@@ -7,88 +7,22 @@ second, writable connection to the same driver.
 
 from __future__ import annotations
 
-import asyncio
-import faulthandler
 import json
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import libvirt
 import pytest
 
-from agent.config import Config, parse
+from agent.config import Config
 from agent.payloads import Lifecycle, Status, Transition, VcpuStatePayload, decode
-from agent.service import Service
 from agent.topics import Topics, parse_topic
 from lab.mosquitto import Mosquitto
 from tests.conftest import Received, Subscriber
+from tests.testdriver import RunningAgent, agent_config, start_domain, with_cleanup
 
 pytestmark = pytest.mark.mqtt
-
-
-def agent_config(broker: Mosquitto, prefix: str, *, interval: float = 0.2, **extra: object) -> Config:
-    return parse({
-        "agent": {"host_id": "testhost"},
-        "libvirt": {"uri": "test:///default"},
-        "sampling": {"interval": interval, **extra},
-        "mqtt": {"host": "127.0.0.1", "port": broker.port, "topic_prefix": prefix,
-                 "reconnect_min": 0.1, "reconnect_max": 0.5},
-        "spool": {"path": ""},
-    })
-
-
-@dataclass
-class RunningAgent:
-    service: Service
-    thread: threading.Thread
-    loop: asyncio.AbstractEventLoop
-    result: list[int]
-
-    def stop(self) -> int:
-        self.loop.call_soon_threadsafe(self.service.request_stop)
-        self.thread.join(10)
-        if self.thread.is_alive():
-            faulthandler.dump_traceback(all_threads=True)
-        assert not self.thread.is_alive(), "the agent did not stop"
-        return self.result[0]
-
-
-@pytest.fixture
-def run_agent() -> Iterator[Callable[[Config], RunningAgent]]:
-    started: list[RunningAgent] = []
-
-    def start(cfg: Config) -> RunningAgent:
-        loop = asyncio.new_event_loop()
-        result: list[int] = []
-        holder: dict[str, Service] = {}
-        ready = threading.Event()
-
-        def main() -> None:
-            asyncio.set_event_loop(loop)
-
-            async def go() -> int:
-                holder["service"] = Service(cfg)
-                ready.set()
-                # Signal handlers need the main thread: we stop it directly instead.
-                return await holder["service"].run(handle_signals=False)
-
-            result.append(loop.run_until_complete(go()))
-            loop.close()
-
-        thread = threading.Thread(target=main, name="agent-under-test", daemon=True)
-        thread.start()
-        assert ready.wait(5)
-        agent = RunningAgent(holder["service"], thread, loop, result)
-        started.append(agent)
-        return agent
-
-    yield start
-    for agent in started:
-        if agent.thread.is_alive():
-            agent.stop()
 
 
 @pytest.fixture
@@ -106,22 +40,6 @@ def domain(conn: libvirt.virConnect) -> Iterator[libvirt.virDomain]:
     with_cleanup(dom)
 
 
-def start_domain(conn: libvirt.virConnect, name: str) -> libvirt.virDomain:
-    escaped = name.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    xml = (
-        f"<domain type='test'><name>{escaped}</name><memory>65536</memory>"
-        "<vcpu current='2'>4</vcpu><os><type>hvm</type></os></domain>"
-    )
-    return conn.createXML(xml, 0)
-
-
-def with_cleanup(dom: libvirt.virDomain) -> None:
-    try:
-        dom.destroy()
-    except libvirt.libvirtError:
-        pass
-
-
 def payload_of(m: Received) -> object:
     return decode(m.payload) if m.payload else None
 
@@ -137,7 +55,10 @@ def is_state(prefix: str, domain: str, vcpu: int, state: str) -> Callable[[Recei
 
 
 def test_the_agent_announces_itself_online_retained(
-    broker: Mosquitto, prefix: str, subscribe: Callable[[str], Subscriber], run_agent: Callable[[Config], RunningAgent]
+    broker: Mosquitto,
+    prefix: str,
+    subscribe: Callable[[str], Subscriber],
+    run_agent: Callable[[Config], RunningAgent],
 ) -> None:
     sub = subscribe(f"{prefix}/#")
     agent = run_agent(agent_config(broker, prefix))
@@ -156,8 +77,11 @@ def test_the_agent_announces_itself_online_retained(
 
 
 def test_a_running_domain_publishes_retained_state_for_every_vcpu(
-    broker: Mosquitto, prefix: str, subscribe: Callable[[str], Subscriber],
-    run_agent: Callable[[Config], RunningAgent], domain: libvirt.virDomain,
+    broker: Mosquitto,
+    prefix: str,
+    subscribe: Callable[[str], Subscriber],
+    run_agent: Callable[[Config], RunningAgent],
+    domain: libvirt.virDomain,
 ) -> None:
     sub = subscribe(f"{prefix}/#")
     run_agent(agent_config(broker, prefix))
@@ -174,8 +98,11 @@ def test_a_running_domain_publishes_retained_state_for_every_vcpu(
 
 
 def test_suspend_and_resume_publish_lifecycle_events_and_na_at_once(
-    broker: Mosquitto, prefix: str, subscribe: Callable[[str], Subscriber],
-    run_agent: Callable[[Config], RunningAgent], domain: libvirt.virDomain,
+    broker: Mosquitto,
+    prefix: str,
+    subscribe: Callable[[str], Subscriber],
+    run_agent: Callable[[Config], RunningAgent],
+    domain: libvirt.virDomain,
 ) -> None:
     sub = subscribe(f"{prefix}/#")
     # A 60 s interval: anything seen within the wait below came from the event.
@@ -207,8 +134,11 @@ def test_suspend_and_resume_publish_lifecycle_events_and_na_at_once(
 
 
 def test_unplugging_and_plugging_vcpus_are_offline_transitions(
-    broker: Mosquitto, prefix: str, subscribe: Callable[[str], Subscriber],
-    run_agent: Callable[[Config], RunningAgent], domain: libvirt.virDomain,
+    broker: Mosquitto,
+    prefix: str,
+    subscribe: Callable[[str], Subscriber],
+    run_agent: Callable[[Config], RunningAgent],
+    domain: libvirt.virDomain,
 ) -> None:
     sub = subscribe(f"{prefix}/#")
     run_agent(agent_config(broker, prefix))
@@ -217,20 +147,27 @@ def test_unplugging_and_plugging_vcpus_are_offline_transitions(
     sub.wait_for(is_state(prefix, name, 1, "running"))
     domain.setVcpusFlags(1, libvirt.VIR_DOMAIN_AFFECT_LIVE)
     [down] = sub.wait_for(lambda m: m.topic == topics.vcpu_transition(name, 1))
-    assert (json.loads(down.payload)["from"], json.loads(down.payload)["to"]) == ("running", "offline")
+    assert (json.loads(down.payload)["from"], json.loads(down.payload)["to"]) == (
+        "running",
+        "offline",
+    )
     domain.setVcpusFlags(3, libvirt.VIR_DOMAIN_AFFECT_LIVE)
     ups = sub.wait_for(
         lambda m: m.topic in (topics.vcpu_transition(name, 1), topics.vcpu_transition(name, 2)),
         count=3,
     )
-    assert sorted((parse_topic(prefix, m.topic).vcpu, json.loads(m.payload)["to"]) for m in ups[1:]) == [
-        (1, "running"), (2, "running")]
+    assert sorted(
+        (parse_topic(prefix, m.topic).vcpu, json.loads(m.payload)["to"]) for m in ups[1:]
+    ) == [(1, "running"), (2, "running")]
     assert not [m for m in sub.messages if m.topic == topics.vcpu_transition(name, 0)]
 
 
 def test_destroying_a_domain_clears_its_retained_topics(
-    broker: Mosquitto, prefix: str, subscribe: Callable[[str], Subscriber],
-    run_agent: Callable[[Config], RunningAgent], domain: libvirt.virDomain,
+    broker: Mosquitto,
+    prefix: str,
+    subscribe: Callable[[str], Subscriber],
+    run_agent: Callable[[Config], RunningAgent],
+    domain: libvirt.virDomain,
 ) -> None:
     sub = subscribe(f"{prefix}/#")
     run_agent(agent_config(broker, prefix, interval=60.0))
@@ -242,7 +179,9 @@ def test_destroying_a_domain_clears_its_retained_topics(
     sub.wait_for(lambda m: m.topic in cleared and m.payload == b"", count=len(cleared), timeout=10)
     [stopped] = sub.wait_for(lambda m: m.topic == topics.lifecycle(name))
     assert (json.loads(stopped.payload)["event"], json.loads(stopped.payload)["detail"]) == (
-        "stopped", "destroyed")
+        "stopped",
+        "destroyed",
+    )
     late = subscribe(topics.domain_state(name).removesuffix("/state") + "/#")
     time.sleep(0.5)  # retained messages arrive right after SUBACK; give them a moment
     assert late.messages == []
@@ -251,15 +190,23 @@ def test_destroying_a_domain_clears_its_retained_topics(
 # libvirt itself refuses '/' in names; topics.py's tests cover it anyway.
 @pytest.mark.parametrize("name", ["a+b#c d", "ünïcødé ドメイン", "$SYS", "100%", "x" * 300])
 def test_hostile_domain_names_become_topics_that_decode_back(
-    broker: Mosquitto, prefix: str, subscribe: Callable[[str], Subscriber],
-    run_agent: Callable[[Config], RunningAgent], conn: libvirt.virConnect, name: str,
+    broker: Mosquitto,
+    prefix: str,
+    subscribe: Callable[[str], Subscriber],
+    run_agent: Callable[[Config], RunningAgent],
+    conn: libvirt.virConnect,
+    name: str,
 ) -> None:
     sub = subscribe(f"{prefix}/#")
     dom = start_domain(conn, name)
     try:
         run_agent(agent_config(broker, prefix))
-        [m] = sub.wait_for(lambda m: m.topic.endswith("/vcpu/0/state")
-                           and json.loads(m.payload)["uuid"] == dom.UUIDString())
+        [m] = sub.wait_for(
+            lambda m: (
+                m.topic.endswith("/vcpu/0/state")
+                and json.loads(m.payload)["uuid"] == dom.UUIDString()
+            )
+        )
         parsed = parse_topic(prefix, m.topic)
         assert (parsed.host, parsed.domain, parsed.vcpu) == ("testhost", name, 0)
         assert json.loads(m.payload)["domain"] == name
