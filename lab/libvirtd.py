@@ -236,11 +236,13 @@ class Libvirtd:
                 if saved is not None:
                     self._state.save_kvm(saved)
                 self.kvm = probe_kvm()
-            if libvirtd_answers(self.uri):
-                return  # lab-started or not, it is shared: never start a second one
+            # virtlogd even when libvirtd answers: without it no guest starts
+            # ("Failed to connect socket to '/run/libvirt/virtlogd-sock'").
             if not _virtlogd_answers():
                 self._state.set_daemon(self._spawn("virtlogd"), "virtlogd")
                 self._wait_until(_virtlogd_answers, "virtlogd socket")
+            if libvirtd_answers(self.uri):
+                return  # lab-started or not, it is shared: never start a second one
             self._start_libvirtd_locked()
 
     def stop(self) -> None:
