@@ -1,0 +1,76 @@
+"""Log event names are an interface: docs/logging.md lists exactly those in use."""
+
+from __future__ import annotations
+
+import ast
+import io
+import json
+import logging
+import re
+from pathlib import Path
+
+import structlog
+from structlog.testing import capture_logs
+
+from agent import logs
+
+ROOT = Path(__file__).parent.parent
+
+
+def events_in_code() -> dict[str, set[str]]:
+    """Every ``log.<level>("name", key=...)`` call in the agent: name -> keys."""
+    found: dict[str, set[str]] = {}
+    for path in sorted((ROOT / "agent").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "log"
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+            ):
+                keys = {k.arg for k in node.keywords if k.arg}
+                found.setdefault(str(node.args[0].value), set()).update(keys)
+    return found
+
+
+def events_in_docs() -> dict[str, set[str]]:
+    table = {}
+    for line in (ROOT / "docs" / "logging.md").read_text().splitlines():
+        m = re.match(r"\| `([a-z_]+\.[a-z_.]+)` \| \w+ \|([^|]*)\|", line)
+        if m:
+            table[m.group(1)] = set(re.findall(r"`([a-z_]+)`", m.group(2)))
+    return table
+
+
+def test_every_log_event_is_documented_with_its_fields() -> None:
+    assert events_in_docs() == events_in_code()
+
+
+def test_event_names_are_stable_dotted_lowercase() -> None:
+    for name in events_in_code():
+        assert re.fullmatch(r"[a-z]+(\.[a-z_]+)+", name), name
+
+
+def test_json_lines_carry_the_event_and_bound_context() -> None:
+    out = io.StringIO()
+    logs.configure(fmt="json", level="info", stream=out)
+    try:
+        logs.get("agent.test").bind(domain="vm").info("vcpu.transition", vcpu=1)
+        logging.getLogger("paho").warning("from %s", "paho")
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    first, second = (json.loads(line) for line in out.getvalue().splitlines())
+    assert first["event"] == "vcpu.transition"
+    assert (first["domain"], first["vcpu"], first["level"]) == ("vm", 1, "info")
+    assert first["timestamp"].endswith("Z")
+    assert second["event"] == "from paho"
+    assert second["logger"] == "paho"
+
+
+def test_capture_logs_sees_the_service_events() -> None:
+    with capture_logs() as captured:
+        logs.get("agent.x").warning("sample.stalled", reason="r")
+    assert captured == [{"event": "sample.stalled", "reason": "r", "log_level": "warning"}]
