@@ -271,15 +271,20 @@ class Libvirtd:
             self._state.set_daemon(None, "libvirtd")
 
     def start_libvirtd(self) -> None:
-        """Start libvirtd again after ``stop_libvirtd``; waits until it answers."""
+        """Start libvirtd again after ``stop_libvirtd``; waits until it answers.
+
+        If a lab session arriving meanwhile already started one, that one is kept.
+        """
         with self._state.locked():
-            if libvirtd_answers(self.uri):
-                raise DaemonError("a libvirtd already answers")
-            self._start_libvirtd_locked()
+            if not libvirtd_answers(self.uri):
+                self._start_libvirtd_locked()
 
     def restart_libvirtd(self, sig: signal.Signals = signal.SIGTERM) -> None:
-        self.stop_libvirtd(sig)
-        self.start_libvirtd()
+        """Stop and start libvirtd under one lock hold: nobody sneaks in between."""
+        with self._state.locked():
+            self._terminate(self._restartable_locked(), sig)
+            self._state.set_daemon(None, "libvirtd")
+            self._start_libvirtd_locked()
 
     def _restartable_locked(self) -> StartedDaemon:
         daemon = self._state.daemon("libvirtd")
