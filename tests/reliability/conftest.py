@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from fault_harness import ROOT, AgentProcess, PersistentSubscriber
 
 from lab.mosquitto import Mosquitto
+from tests.reliability.fault_harness import ROOT, AgentProcess, PersistentSubscriber
 
 
 @pytest.fixture

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
 
-from fault_harness import AGENT, AgentProcess, PersistentSubscriber, agent_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -34,6 +33,7 @@ from agent.records import domain_record
 from agent.topics import parse_topic
 from agent.transitions import HostState, VcpuTransition, advance
 from lab.mosquitto import Mosquitto
+from tests.reliability.fault_harness import AGENT, AgentProcess, PersistentSubscriber, agent_config
 
 # -- config ------------------------------------------------------------------------------
 

@@ -16,7 +16,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from fault_harness import (
+from agent.payloads import Gap, Status, VcpuStatePayload, decode, parse_rfc3339
+from lab.mosquitto import Mosquitto
+from tests.reliability.fault_harness import (
     AGENT,
     TEST_DOMAIN_UUID,
     AgentProcess,
@@ -27,9 +29,6 @@ from fault_harness import (
     spool_backlog,
     spool_seqs,
 )
-
-from agent.payloads import Gap, Status, VcpuStatePayload, decode, parse_rfc3339
-from lab.mosquitto import Mosquitto
 
 DRIVEN = [sys.executable, "-m", "tests.reliability.driven_agent"]
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from fault_harness import AGENT, AgentProcess, PersistentSubscriber, agent_config
 
 from agent.payloads import Status, decode
 from lab.mosquitto import Mosquitto, free_port
+from tests.reliability.fault_harness import AGENT, AgentProcess, PersistentSubscriber, agent_config
 
 WATCH = 3.0  # seconds each refusal is watched
 # reconnect_min 0.05 doubling to reconnect_max 0.3: at most ~12 attempts in WATCH s.
