@@ -158,12 +158,11 @@ class MqttSection:
     key_file: str = _setting("", _readable_file(optional=True))
     reconnect_min: float = _setting(1.0, _number(0.0, 3600.0, lo_open=True))
     reconnect_max: float = _setting(30.0, _number(0.0, 3600.0, lo_open=True))
-    max_queued: int = _setting(100000, _integer(1, 100_000_000))
 
 
 @dataclass(frozen=True, slots=True)
 class SpoolSection:
-    # The unit's StateDirectory; "" keeps events in memory only (mqtt.max_queued).
+    # The unit's StateDirectory; "" keeps events in memory only (still spool.max_events).
     path: str = _setting("/var/lib/vcpu-agent/spool.sqlite3", _text())
     max_events: int = _setting(100000, _integer(1, 100_000_000))
     synchronous: Literal["normal", "full"] = _setting("normal", _choice("normal", "full"))

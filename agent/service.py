@@ -297,7 +297,7 @@ class Service:
 def _open_outbox(cfg: Config) -> Outbox:
     """The durable spool of ``[spool]``, or memory when it is off or unusable."""
     if not cfg.spool.path:
-        return MemoryOutbox(cfg.mqtt.max_queued)
+        return MemoryOutbox(cfg.spool.max_events)
     try:
         spool = SqliteSpool(cfg.spool.path, cfg.spool.max_events, synchronous=cfg.spool.synchronous)
     except SpoolError as err:
@@ -306,6 +306,6 @@ def _open_outbox(cfg: Config) -> Outbox:
         log.error(  # noqa: TRY400 - the reason says it all; a traceback would not help
             "spool.unavailable", path=cfg.spool.path, reason=str(err), fallback="memory"
         )
-        return MemoryOutbox(cfg.mqtt.max_queued)
+        return MemoryOutbox(cfg.spool.max_events)
     log.info("spool.opened", path=cfg.spool.path, backlog=len(spool), dropped=spool.dropped)
     return spool

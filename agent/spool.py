@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import sqlite3
 from pathlib import Path
 from typing import Literal
@@ -80,6 +81,16 @@ class SqliteSpool:
         self.capacity = capacity
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # One agent per spool: a second one would resend (and ack) the first
+            # one's events. The lock dies with the process, SIGKILL included.
+            self._lock = self.path.with_name(self.path.name + ".lock").open("a")
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as err:
+                self._lock.close()
+                raise SpoolError(
+                    f"spool {str(self.path)!r} is in use by another vcpu-agent"
+                ) from err
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, one per batch.
             self._db = sqlite3.connect(self.path, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -241,6 +252,7 @@ class SqliteSpool:
         finally:
             self._closed = True
             self._db.close()
+            self._lock.close()  # releases the flock
 
     def _meta(self, key: str) -> int:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
