@@ -20,6 +20,8 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal, Self
 
 SCHEMA = 1
+# One encoder: json.dumps with non-default options builds a new one per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 class PayloadError(ValueError):
@@ -56,7 +58,7 @@ class Payload:
         return body
 
     def encode(self) -> bytes:
-        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":")).encode()
+        return _ENCODER.encode(self.to_dict()).encode()
 
     @classmethod
     def from_dict(cls, body: dict[str, Any]) -> Self:
