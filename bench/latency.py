@@ -21,12 +21,14 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import FrameType
 
 import libvirt
 
@@ -197,7 +199,16 @@ def run(args: argparse.Namespace) -> tuple[dict[str, str], Summary]:
     )
 
 
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    # Also for SIGTERM, and for SIGINT when a non-interactive shell started us in
+    # the background with SIGINT ignored: unwind, so the guest and daemons are
+    # cleaned up by the finally blocks.
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main() -> int:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--virt", choices=("tcg", "kvm"), default="tcg")
     parser.add_argument("--interval", type=float, default=0.25, help="agent sample interval, s")

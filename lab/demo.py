@@ -90,6 +90,8 @@ class AgentProcess:
             f'[libvirt]\nuri = "{uri}"\n\n'
             f"[sampling]\ninterval = {interval}\n\n"
             f'[mqtt]\nhost = "127.0.0.1"\nport = {broker_port}\ntopic_prefix = "{prefix}"\n\n'
+            # A spool of its own: the default path is shared by every agent on the host.
+            f'[spool]\npath = "{workdir / "spool.sqlite3"}"\n\n'
             f'[log]\nformat = "json"\nlevel = "{log_level}"\n'
         )
         self.proc: subprocess.Popen[bytes] | None = None

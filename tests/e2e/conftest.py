@@ -20,13 +20,13 @@ from pathlib import Path
 
 import libvirt
 import pytest
-from e2e_rig import Rig
 
 from lab.demo import AgentProcess, Feed, revive
 from lab.domains import GuestPool
 from lab.kvm import VirtType
 from lab.libvirtd import Libvirtd
 from lab.mosquitto import Mosquitto
+from tests.e2e.rig import Rig
 
 VIRT_TYPES = [
     pytest.param("qemu", id="tcg"),

@@ -70,6 +70,8 @@ def test_demo_shows_live_transitions_and_cleans_up_on_ctrl_c(e2e_daemon: Libvirt
             proc.kill()
             proc.wait()
     reader.join(timeout=10)
+    assert proc.stdout is not None
+    proc.stdout.close()
     output = "\n".join(lines)
     assert status == 0, output
     assert lines[-1] == "demo: all cleaned up", output

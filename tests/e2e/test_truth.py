@@ -2,7 +2,7 @@
 
 Two toggler guests run at once. In each, vCPU 0 alternates busy and halted phases
 and writes a marker to COM1 at each phase start; vCPU 1 stays parked by SeaBIOS.
-The first guest toggles 1.0 s / 1.0 s, the second 0.6 s busy / 1.2 s halted, so
+The first guest toggles 1.0 s / 1.0 s, the second 0.6 s busy / 1.15 s halted, so
 their changes drift apart and their busy phases rarely overlap (two busy TCG
 vCPUs would fill both cores of a CI runner). Equal phases would not do: under
 KVM, SeaBIOS ends its boot on an RTC second, locking equal-phase guests together.
@@ -20,18 +20,18 @@ from pathlib import Path
 
 import libvirt
 import pytest
-from e2e_rig import Rig
 
 from agent.payloads import Lifecycle, Transition, VcpuStatePayload, decode, parse_rfc3339
 from lab.demo import Arrival, Seen, judge, retained, vcpu_state_filter
 from lab.domains import Guest, GuestSpec
 from lab.guest import build_toggler_image
 from lab.truth import Marker
+from tests.e2e.rig import Rig
 
 pytestmark = pytest.mark.libvirt
 
 INTERVAL = 0.25  # read by the rig fixture
-PHASES_S = ((1.0, 1.0), (0.6, 1.2))  # (busy, halted) of the first and second guest
+PHASES_S = ((1.0, 1.0), (0.6, 1.15))  # (busy, halted) of the first and second guest
 CHANGES = 8  # phase changes judged per guest
 BOOT_TIMEOUT_S = 90.0
 ACTIVE = ("running", "halted")
@@ -106,12 +106,12 @@ def test_parked_vcpu_is_reported_halted_and_stays_halted(
             for a in rig.feed.snapshot()
             if isinstance(a.body, VcpuStatePayload) and a.body.domain == name and a.body.vcpu == 1
         ]
-        # Before the first marker the firmware boots (and under KVM an AP still
-        # waiting for its startup IPI reads as running): judge from the state in
-        # force at the first marker on.
-        start = run.markers[0].t_wall
+        # Before the first marker the firmware boots (SeaBIOS wakes the APs to
+        # count them; under KVM an AP still waiting for its startup IPI reads as
+        # running), and samples lag by up to two intervals: judge from then on.
+        start = run.markers[0].t_wall + 2 * INTERVAL
         before = [i for i, s in enumerate(states) if parse_rfc3339(s.at) <= start]
-        assert before, f"no state for {name} vCPU 1 before its first marker"
+        assert before, f"no state for {name} vCPU 1 before {start}"
         judged = {s.state for s in states[before[-1] :]}
         assert judged == {"halted"}, [(s.state, s.at) for s in states]
         late = [s for s in rig.feed.transitions(name, 1) if s.at >= start]
@@ -128,7 +128,7 @@ def test_two_guests_out_of_phase_are_reported_independently(
     hi = min(first.end_wall, second.end_wall)
     steps = [lo + i * 0.01 for i in range(int((hi - lo) / 0.01))]
     differ = sum(_phase_at(first.markers, t) != _phase_at(second.markers, t) for t in steps)
-    assert differ >= 0.25 * len(steps), f"in different phases {differ} of {len(steps)} steps"
+    assert differ >= 0.2 * len(steps), f"in different phases {differ} of {len(steps)} steps"
     # Each guest's transitions match its own markers, so none was credited to the other.
     for run in toggled:
         _assert_matches_truth(rig, run)
@@ -225,6 +225,13 @@ def test_hot_plugged_vcpu_goes_from_offline_to_running_or_halted_within_two_samp
     assert parse_rfc3339(seen_at) - plugged <= 2 * INTERVAL + 0.2, (
         f"plugged {plugged:.3f}, seen {arrival.body}\n{rig.agent.log_tail(60)}"
     )
+    # Nothing in the guest starts the new vCPU: whatever it was first reported as,
+    # it must stay that way.
+    time.sleep(6 * INTERVAL)
+    later = [s for s in rig.feed.transitions(name, 1) if s.arrival.wall > arrival.wall]
+    assert later == [], [
+        (s.transition.from_state, s.transition.to_state, s.transition.source) for s in later
+    ]
     rig.pool.destroy(guest)
 
 

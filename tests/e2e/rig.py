@@ -1,8 +1,4 @@
-"""The ``Rig`` the e2e fixtures hand to tests (a module of its own so tests can name it).
-
-pytest puts this directory on ``sys.path`` (rootdir-relative "prepend" imports of
-a directory without ``__init__.py``), so tests import it as ``e2e_rig``.
-"""
+"""The ``Rig`` the e2e fixtures hand to tests (a module of its own so tests can name it)."""
 
 from __future__ import annotations
 
