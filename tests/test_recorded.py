@@ -12,7 +12,7 @@ import pytest
 from agent.classify import Thresholds
 from agent.model import Source, VcpuState
 from agent.transitions import HostState, VcpuTransition, advance
-from tests.recorded import Recording, load
+from tests.recorded import Recording, load, synthetic_s390_from
 
 RECORDINGS = {"tcg": "records-tcg.json", "kvm": "records-kvm.json"}
 EXPECTED_SOURCE = {"tcg": Source.CPUTIME, "kvm": Source.KVM}
@@ -141,3 +141,22 @@ def test_a_quick_second_look_at_suspects_cuts_the_detection_delay(virt: str) -> 
     assert max(without) > interval + 0.25
     assert max(with_probe) <= interval + 0.05
     assert sum(with_probe) < sum(without)
+
+
+def test_the_s390_halted_flag_decides_at_once_on_fake_s390_records() -> None:
+    rec = synthetic_s390_from("records-tcg.json")  # FAKE: see synthetic_s390_from
+    host, transitions = replay(rec)
+    interval = float(rec.meta["interval_s"])  # type: ignore[arg-type]
+    markers = detectable_markers(rec, rec.toggler, interval)
+    seen = [t for t in transitions if t.domain == rec.toggler and t.vcpu == 0
+            and t.at > markers[0][0] - interval]
+    assert [t.after.state for t in seen][: len(markers)] == [PHASE_STATE[p] for _, p in markers]
+    assert {t.after.source for t in seen} == {Source.LIBVIRT}
+    # A flag is a fact: seen at the first sample after the marker, never later.
+    for t, (t_marker, _phase) in zip(seen, markers, strict=False):
+        assert 0 < t.at - t_marker <= interval + 0.05
+    parked = [d for d in host.domains.values() if len(d.vcpus) == 2]
+    for dom in parked:
+        assert dom.vcpus[1].view is not None
+        assert dom.vcpus[1].view.source is Source.LIBVIRT
+        assert dom.vcpus[1].view.state is VcpuState.HALTED
