@@ -7,6 +7,7 @@ second, writable connection to the same driver.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -212,3 +213,20 @@ def test_hostile_domain_names_become_topics_that_decode_back(
         assert json.loads(m.payload)["domain"] == name
     finally:
         with_cleanup(dom)
+
+
+def test_mqtt_3_1_1_is_selectable(
+    broker: Mosquitto,
+    prefix: str,
+    subscribe: Callable[[str], Subscriber],
+    run_agent: Callable[[Config], RunningAgent],
+    domain: libvirt.virDomain,
+) -> None:
+    cfg = agent_config(broker, prefix)
+    cfg = dataclasses.replace(cfg, mqtt=dataclasses.replace(cfg.mqtt, protocol="3.1.1"))
+    sub = subscribe(f"{prefix}/#")
+    run_agent(cfg)
+    [online] = sub.wait_for(lambda m: m.topic == f"{prefix}/testhost/status")
+    assert json.loads(online.payload)["status"] == "online"
+    state = sub.wait_for(is_state(prefix, domain.name(), 0, "running"))[0]
+    assert (state.qos, state.retain) == (1, True)
