@@ -35,8 +35,6 @@ PHASE_OF_BYTE: dict[int, Phase] = {ord("B"): "busy", ord("H"): "halted"}
 
 # <sys/inotify.h>
 _IN_MODIFY = 0x00000002
-_IN_CREATE = 0x00000100
-_IN_MOVED_TO = 0x00000080
 _IN_NONBLOCK = os.O_NONBLOCK
 _IN_CLOEXEC = os.O_CLOEXEC
 
@@ -82,9 +80,11 @@ class SerialTruth:
         self._stop_r, self._stop_w = os.pipe()
         libc = _libc()
         self._ifd = _check(libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC), "inotify_init1")
-        mask = _IN_MODIFY | _IN_CREATE | _IN_MOVED_TO
+        # Watch the directory: the file may not exist yet (virtlogd creates it).
         _check(
-            libc.inotify_add_watch(self._ifd, os.fsencode(path.parent), ctypes.c_uint32(mask)),
+            libc.inotify_add_watch(
+                self._ifd, os.fsencode(path.parent), ctypes.c_uint32(_IN_MODIFY)
+            ),
             f"inotify_add_watch({path.parent})",
         )
         self._error: BaseException | None = None
