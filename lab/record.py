@@ -154,6 +154,9 @@ def _record_guests(
             "median": statistics.median(call_s),
             "max": max(call_s),
         },
+        # Calls longer than the interval break the schedule: seen (1.2-2.0 s, even
+        # with NOWAIT) while other sessions started guests or restarted libvirtd.
+        "stalled_calls": sum(1 for c in call_s if c > interval_s),
     }
     if hotplug_meta is not None:
         meta["hotplug"] = hotplug_meta
@@ -215,6 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(dump(data))
     bulk = data["meta"]["bulk_call_s"]
+    if data["meta"]["stalled_calls"]:
+        print(
+            f"WARNING: {data['meta']['stalled_calls']} bulk call(s) took longer than "
+            f"{args.interval} s: the host was busy; record again on a quiet host",
+            file=sys.stderr,
+        )
     print(
         f"{args.out}: {len(data['samples'])} samples, {len(data['markers'])} markers, "
         f"bulk call median {bulk['median'] * 1000:.1f} ms (max {bulk['max'] * 1000:.1f} ms)",
