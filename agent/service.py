@@ -258,6 +258,14 @@ class Service:
     def _apply(self, records: list[DomainRecord], *, complete: bool, resync: bool) -> None:
         self.host, changes = advance(self.host, records, self.th, complete=complete, resync=resync)
         self._publish(changes)
+        # A vCPU whose share moved toward the other state without deciding it: look
+        # again soon instead of a whole interval later (docs/design.md, "Latency").
+        confirm = self.cfg.sampling.confirm_after
+        if confirm > 0 and self.host.suspects:
+            due = time.monotonic() + confirm
+            for uuid in self.host.suspects - self._confirming:
+                self._confirming.add(uuid)
+                heapq.heappush(self._resamples, (due, uuid))
 
     def _publish(self, changes: list[Change]) -> None:
         for change in changes:
