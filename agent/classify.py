@@ -35,6 +35,7 @@ from agent.model import (
 
 # A share this close to 1 means "the whole interval": the change happened earlier.
 _WHOLE = 0.98
+_TICK_SLACK = 0.021  # seconds: two steps of vcpu.<n>.time, plus rounding
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,9 +166,13 @@ def _changed_at(prev: VcpuTrack, ev: Evidence, state: VcpuState, t_wall: float, 
         return t_wall
     new_share = ev.share if state is VcpuState.HALTED else 1.0 - ev.share
     at = t_wall - new_share * dt
-    if new_share >= _WHOLE and prev.share is not None:
+    # The whole interval in the new state (up to the counters' granularity: CPU time
+    # moves in 10 ms steps, a lot in a 0.1 s confirmation sample): the change lies
+    # in the previous interval, as far back as that one's share says.
+    whole = new_share >= _WHOLE or (1.0 - new_share) * dt <= _TICK_SLACK
+    if whole and prev.share is not None:
         prev_new = prev.share if state is VcpuState.HALTED else 1.0 - prev.share
-        at -= max(0.0, prev_new) * prev.dt
+        at = t_wall - dt - max(0.0, prev_new) * prev.dt
     return max(at, prev.since)
 
 

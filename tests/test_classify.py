@@ -209,3 +209,17 @@ def test_a_busy_vcpu_starved_of_host_cpu_is_still_running() -> None:
     assert states(records) == [None, VcpuState.RUNNING, VcpuState.RUNNING]
     without_delay = [dom(0, v0_state=1, v0_time=0), dom(1, v0_state=1, v0_time=int(0.3e9))]
     assert states(without_delay) == [None, VcpuState.HALTED]
+
+
+def test_a_short_confirmation_sample_does_not_spoil_the_change_time() -> None:
+    # Busy until 2.6; the 1 s sample at 3 shows 40 % halted (a suspect), a 0.1 s
+    # confirmation sample at 3.1 shows 90 % halted: CPU time moved one 10 ms step.
+    # The change is still put at 2.6, not somewhere in the short sample.
+    host = HostState()
+    found = []
+    for record in [busy(0, 0), busy(1, 1), busy(2, 2), busy(3, 2.6), busy(3.1, 2.61)]:
+        host, changes = advance(host, [record], Thresholds(), complete=True)
+        found += [c for c in changes if isinstance(c, VcpuTransition)]
+    assert len(found) == 1
+    assert found[0].at - 1e9 == pytest.approx(3.1)
+    assert found[0].changed_at - 1e9 == pytest.approx(2.6)
