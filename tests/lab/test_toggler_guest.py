@@ -80,13 +80,17 @@ def test_vcpu_time_grows_while_busy_and_stalls_while_halted(
     )
     # Measured on an idle host: time ~1.00 busy, 0.00-0.04 halted (10 ms steps).
     # On an overloaded host (other sessions' guests on our 2 cores) a busy vCPU
-    # runs only part of the time and waits in the run queue for the rest:
-    # time + delay (run-queue wait) stays ~1.0 busy, while a halted vCPU sleeps
-    # and grows neither.
-    assert rate(*busy, "vcpu.0.time") > 0.1
-    assert rate(*busy, "vcpu.0.time") + rate(*busy, "vcpu.0.delay") > 0.8
-    assert rate(*halted, "vcpu.0.time") < 0.1
-    assert rate(*halted, "vcpu.0.time") + rate(*halted, "vcpu.0.delay") < 0.15
+    # runs only part of the time: it waits in the run queue (``delay``) or, under
+    # TCG, on QEMU's big lock (counted nowhere), so time + delay drops to ~0.6-1.0
+    # while a halted vCPU sleeps and grows neither.
+    busy_time, halted_time = rate(*busy, "vcpu.0.time"), rate(*halted, "vcpu.0.time")
+    busy_all = busy_time + rate(*busy, "vcpu.0.delay")
+    halted_all = halted_time + rate(*halted, "vcpu.0.delay")
+    rates = f"busy time {busy_time:.2f} (+delay {busy_all:.2f}), halted {halted_time:.2f}"
+    assert busy_time > 0.1, rates
+    assert busy_all > 0.5, rates
+    assert halted_time < 0.1, rates
+    assert halted_all < 0.15, rates
 
 
 def test_parked_vcpu_accumulates_no_time(lab_conn: libvirt.virConnect, toggler: Guest) -> None:
