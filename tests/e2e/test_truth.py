@@ -2,13 +2,13 @@
 
 Two toggler guests run at once. In each, vCPU 0 alternates busy and halted phases
 and writes a marker to COM1 at each phase start; vCPU 1 stays parked by SeaBIOS.
-The first guest toggles 1.0 s / 1.0 s, the second 0.6 s busy / 1.15 s halted, so
-their changes drift apart and their busy phases rarely overlap (two busy TCG
-vCPUs would fill both cores of a CI runner). Equal phases would not do: under
-KVM, SeaBIOS ends its boot on an RTC second, locking equal-phase guests together.
-The real agent samples every 0.25 s, and each guest's transitions must match its
-own markers one for one (``lab.demo.judge``). Hot-plug, suspend/resume and
-destroy use small guests of their own, so each test can run alone.
+The first guest toggles 1.25 s / 1.25 s, the second 1.0 s busy / 1.75 s halted,
+so their changes drift apart. Equal phases would not do: under KVM, SeaBIOS ends
+its boot on an RTC second, which locks equal-phase guests together. The real
+agent samples every 0.25 s, and each guest's transitions must match its own
+markers one for one (``lab.demo.judge``). Phases of at least 1 s (four samples)
+leave room for a late sample on a busy 2-core runner. Hot-plug, suspend/resume
+and destroy use small guests of their own, so each test can run alone.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from tests.e2e.rig import Rig
 pytestmark = pytest.mark.libvirt
 
 INTERVAL = 0.25  # read by the rig fixture
-PHASES_S = ((1.0, 1.0), (0.6, 1.15))  # (busy, halted) of the first and second guest
+PHASES_S = ((1.25, 1.25), (1.0, 1.75))  # (busy, halted) of the first and second guest
 CHANGES = 8  # phase changes judged per guest
 BOOT_TIMEOUT_S = 90.0
 ACTIVE = ("running", "halted")
@@ -58,7 +58,7 @@ def toggled(rig: Rig, e2e_images: Path) -> tuple[Toggled, Toggled]:
     wanted = CHANGES + 2
     out = []
     for guest in guests:
-        markers = guest.truth.wait_for(wanted, BOOT_TIMEOUT_S + wanted * 1.0)[:wanted]
+        markers = guest.truth.wait_for(wanted, BOOT_TIMEOUT_S + wanted * 1.75)[:wanted]
         out.append(Toggled(guest, markers))
     time.sleep(0.5)  # transitions sampled before the closing marker are still in flight
     return out[0], out[1]
