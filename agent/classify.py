@@ -83,24 +83,36 @@ class VcpuTrack(NamedTuple):
     kvm: bool = False  # KVM stats seen while running: their absence means unreadable
 
 
+def _idle_share(prev: VcpuRecord, cur: VcpuRecord, dt_ns: float) -> float | None:
+    """The share of the interval the vCPU neither ran nor waited for a host CPU."""
+    if prev.time_ns is None or cur.time_ns is None:
+        return None
+    busy = cur.time_ns - prev.time_ns
+    if busy < 0:
+        return None  # a reset counter (guest or QEMU restart) is no evidence
+    # A vCPU that wants to run but waits for a host CPU (vcpu.<n>.delay, the thread's
+    # run_delay) is busy, not halted: on a contended host CPU time alone would call a
+    # starved busy vCPU halted.
+    if prev.delay_ns is not None and cur.delay_ns is not None:
+        busy += max(0, cur.delay_ns - prev.delay_ns)
+    return max(0.0, 1.0 - busy / dt_ns)
+
+
 def _share(prev: VcpuRecord, cur: VcpuRecord, dt_ns: float) -> tuple[Source, float] | None:
-    """The halted share of the interval, from the best counter both records hold."""
+    """The halted share of the interval, from the best counters both records hold."""
+    idle = _idle_share(prev, cur, dt_ns)
     if cur.halt_wait_ns is not None:
         if prev.halt_wait_ns is None:
             return None  # KVM stats are back: take a baseline before trusting them
         delta = cur.halt_wait_ns - prev.halt_wait_ns
-        if delta >= 0:  # a reset counter (guest or QEMU restart) is no evidence
-            return Source.KVM, min(1.0, delta / dt_ns)
-        return None
-    if prev.time_ns is not None and cur.time_ns is not None:
-        delta = cur.time_ns - prev.time_ns
-        if delta >= 0:
-            # A vCPU that wants to run but waits for a host CPU (vcpu.<n>.delay, the
-            # thread's run_delay) is busy, not halted: on a contended host CPU time
-            # alone would call a starved busy vCPU halted.
-            if prev.delay_ns is not None and cur.delay_ns is not None:
-                delta += max(0, cur.delay_ns - prev.delay_ns)
-            return Source.CPUTIME, max(0.0, 1.0 - delta / dt_ns)
+        if delta < 0:
+            return None
+        # A vCPU that never entered the guest (an AP waiting for its startup IPI, a
+        # vCPU just hot-plugged) is not in KVM's halt either: its CPU time says it
+        # did nothing, so it is halted too (measured: both shares 0.00 vs 0.00).
+        return Source.KVM, max(min(1.0, delta / dt_ns), idle or 0.0)
+    if idle is not None:
+        return Source.CPUTIME, idle
     return None
 
 

@@ -115,7 +115,7 @@ class AgentSection:
 class LibvirtSection:
     uri: str = _setting("qemu:///system", _text(empty=False))
     read_only: bool = _setting(True, _boolean)
-    call_timeout: float = _setting(10.0, _number(0.0, 600.0, lo_open=True))
+    call_timeout: float = _setting(3.0, _number(0.0, 600.0, lo_open=True))
     reconnect_min: float = _setting(1.0, _number(0.0, 3600.0, lo_open=True))
     reconnect_max: float = _setting(30.0, _number(0.0, 3600.0, lo_open=True))
     keepalive_interval: int = _setting(5, _integer(1, 3600))

@@ -223,3 +223,17 @@ def test_a_short_confirmation_sample_does_not_spoil_the_change_time() -> None:
     assert len(found) == 1
     assert found[0].at - 1e9 == pytest.approx(3.1)
     assert found[0].changed_at - 1e9 == pytest.approx(2.6)
+
+
+def test_under_kvm_a_vcpu_that_never_runs_is_halted_not_running() -> None:
+    # A hot-plugged vCPU waiting for its startup IPI: no KVM halt-wait, no CPU time.
+    records = [
+        dom(0, v0_state=1, v0_time=0, v0_hw=0, v0_delay=0),
+        dom(1, v0_state=1, v0_time=0, v0_hw=0, v0_delay=0),
+    ]
+    track = None
+    for record in records:
+        track = observe(track, record.vcpus[0], record, Thresholds())
+    assert track is not None
+    assert track.view is not None
+    assert (track.view.state, track.view.source) == (VcpuState.HALTED, Source.KVM)
