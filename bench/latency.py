@@ -35,12 +35,12 @@ import libvirt
 # Runnable as `python bench/latency.py` from the repository root.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lab.demo import AgentProcess, Feed, Verdict, judge, revive
 from lab.domains import GuestPool, GuestSpec
 from lab.guest import build_toggler_image
 from lab.kvm import VirtType
 from lab.libvirtd import Libvirtd
 from lab.mosquitto import Mosquitto
+from lab.rig import AgentProcess, Feed, Verdict, judge, revive
 from lab.truth import Marker
 
 BOOT_TIMEOUT_S = 120.0

@@ -21,11 +21,11 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from lab.demo import AgentProcess, Feed, revive
 from lab.domains import GuestPool
 from lab.kvm import VirtType
 from lab.libvirtd import Libvirtd
 from lab.mosquitto import Mosquitto
+from lab.rig import AgentProcess, Feed, revive
 from tests.e2e.rig import Rig
 
 VIRT_TYPES = [

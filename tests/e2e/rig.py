@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import libvirt
 
-from lab.demo import AgentProcess, Feed
 from lab.domains import GuestPool
 from lab.kvm import VirtType
+from lab.rig import AgentProcess, Feed
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""The referee of the truth tests (``lab.demo.judge``) catches what it must.
+"""The referee of the truth tests (``lab.rig.judge``) catches what it must.
 
 Pure: markers and transitions are built by hand, so these run without libvirt.
 They show the truth tests can fail: a missed change, an extra (flapping)
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from agent.payloads import Transition, rfc3339
 from agent.topics import ParsedTopic
-from lab.demo import Arrival, Seen, judge
+from lab.rig import Arrival, Seen, judge
 from lab.truth import Marker, Phase
 
 T0 = 1_800_000_000.0

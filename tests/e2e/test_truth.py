@@ -6,7 +6,7 @@ The first guest toggles 1.25 s / 1.25 s, the second 1.0 s busy / 1.75 s halted,
 so their changes drift apart. Equal phases would not do: under KVM, SeaBIOS ends
 its boot on an RTC second, which locks equal-phase guests together. The real
 agent samples every 0.25 s, and each guest's transitions must match its own
-markers one for one (``lab.demo.judge``). Phases of at least 1 s (four samples)
+markers one for one (``lab.rig.judge``). Phases of at least 1 s (four samples)
 leave room for a late sample on a busy 2-core runner. Hot-plug, suspend/resume
 and destroy use small guests of their own, so each test can run alone.
 """
@@ -22,9 +22,9 @@ import libvirt
 import pytest
 
 from agent.payloads import Lifecycle, Transition, VcpuStatePayload, decode, parse_rfc3339
-from lab.demo import Arrival, Seen, judge, retained, vcpu_state_filter
 from lab.domains import Guest, GuestSpec
 from lab.guest import build_toggler_image
+from lab.rig import Arrival, Seen, judge, retained, vcpu_state_filter
 from lab.truth import Marker
 from tests.e2e.rig import Rig
 

@@ -24,11 +24,11 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from lab.demo import Feed, agent_command, judge
 from lab.domains import Guest, GuestPool, GuestSpec
 from lab.guest import build_toggler_image
 from lab.libvirtd import Libvirtd
 from lab.mosquitto import Mosquitto
+from lab.rig import Feed, agent_command, judge
 
 pytestmark = pytest.mark.libvirt
 INTERVAL = 0.25
@@ -81,8 +81,9 @@ def start_agent(workdir: Path, broker: Mosquitto, prefix: str, **libvirt_keys: f
     )
     log = workdir / "agent.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([*agent_command(), "run", "--config", str(config)],
-                                stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [*agent_command(), "run", "--config", str(config)], stdout=out, stderr=subprocess.STDOUT
+        )
     return Agent(proc, log, host_id)
 
 
@@ -106,7 +107,10 @@ def qemu_pid(guest: Guest) -> int:
 
 
 def test_a_libvirtd_crash_and_restart_loses_no_transition_and_invents_none(
-    libvirtd: Libvirtd, broker: Mosquitto, prefix: str, tmp_path: Path,
+    libvirtd: Libvirtd,
+    broker: Mosquitto,
+    prefix: str,
+    tmp_path: Path,
     lab: tuple[libvirt.virConnect, GuestPool],
 ) -> None:
     if not libvirtd.owns_libvirtd:
@@ -158,8 +162,12 @@ def test_a_libvirtd_crash_and_restart_loses_no_transition_and_invents_none(
 
 @pytest.mark.parametrize("virt", ["qemu", pytest.param("kvm", marks=pytest.mark.kvm)])
 def test_a_frozen_guest_does_not_delay_another_guests_transitions(
-    libvirtd: Libvirtd, broker: Mosquitto, prefix: str, tmp_path: Path,
-    lab: tuple[libvirt.virConnect, GuestPool], virt: str,
+    libvirtd: Libvirtd,
+    broker: Mosquitto,
+    prefix: str,
+    tmp_path: Path,
+    lab: tuple[libvirt.virConnect, GuestPool],
+    virt: str,
 ) -> None:
     if virt == "kvm" and not libvirtd.kvm.usable:
         pytest.skip(f"KVM unusable: {libvirtd.kvm.reason}")
@@ -202,8 +210,9 @@ def test_a_frozen_guest_does_not_delay_another_guests_transitions(
     late = [s for s in frozen_seen if s.at > after[0].t_wall] if after else []
     assert after
     assert len(late) >= len(after) - 1
-    states_while_frozen = [s.transition.to_state for s in frozen_seen
-                           if stopped_at < s.at < thawed_at]
+    states_while_frozen = [
+        s.transition.to_state for s in frozen_seen if stopped_at < s.at < thawed_at
+    ]
     if virt == "kvm":
         # KVM's stats need QEMU's monitor: while it is frozen the agent says so.
         assert "unknown" in states_while_frozen
