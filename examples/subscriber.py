@@ -25,7 +25,7 @@ last_seq: dict[tuple[str, int], int] = {}
 def on_message(_client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
     try:
         where = parse_topic(PREFIX, msg.topic)
-        body = decode(msg.payload) if msg.payload else None  # empty: a cleared topic
+        body = decode(bytes(msg.payload)) if msg.payload else None  # empty: a cleared topic
     except (TopicError, PayloadError) as err:
         print("ignored:", err, flush=True)
         return

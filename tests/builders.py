@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from agent.model import DomainRecord
 from agent.records import domain_record
 
@@ -36,6 +38,6 @@ def dom(
     return domain_record(name=name, uuid=uuid, stats=stats, t_mono=t, t_wall=1e9 + t)
 
 
-def busy(t: float, busy_seconds: float, **kw: object) -> DomainRecord:
+def busy(t: float, busy_seconds: float, **kw: Any) -> DomainRecord:
     """vCPU 0 has consumed ``busy_seconds`` of CPU by time ``t`` (TCG-style record)."""
     return dom(t, v0_state=1, v0_time=int(busy_seconds * 1e9), **kw)

@@ -70,7 +70,7 @@ class Subscriber:
     def _on_message(self, _c: object, _u: object, msg: paho.MQTTMessage) -> None:
         with self._lock:
             self.messages.append(
-                Received(msg.topic, msg.payload, msg.qos, bool(msg.retain), time.monotonic())
+                Received(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain), time.monotonic())
             )
             self._lock.notify_all()
 

@@ -20,6 +20,13 @@ class Recording:
     markers: list[tuple[float, str]]  # (t_wall, "busy" | "halted") of the toggler guest
     toggler: str  # the domain whose markers these are
 
+    @property
+    def interval(self) -> float:
+        """The recording's sample interval, seconds."""
+        value = self.meta["interval_s"]
+        assert isinstance(value, int | float)
+        return float(value)
+
     def markers_of(self, domain: str) -> list[tuple[float, str]]:
         return self._by_domain[domain]
 
@@ -37,8 +44,13 @@ def load(name: str) -> Recording:
 def from_doc(doc: dict[str, Any]) -> Recording:
     samples = [
         [
-            domain_record(name=d["name"], uuid=d["uuid"], stats=d["stats"],
-                          t_mono=s["t_mono"], t_wall=s["t_wall"])
+            domain_record(
+                name=d["name"],
+                uuid=d["uuid"],
+                stats=d["stats"],
+                t_mono=s["t_mono"],
+                t_wall=s["t_wall"],
+            )
             for d in s["domains"]
         ]
         for s in doc["samples"]

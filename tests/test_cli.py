@@ -63,7 +63,9 @@ def agent_process(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[byt
         with (tmp_path / "agent.log").open("wb") as log:
             proc = subprocess.Popen(
                 [*AGENT, "run", "--config", str(config)],
-                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
             )
         procs.append(proc)
         return proc
@@ -76,13 +78,17 @@ def agent_process(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[byt
 
 
 def test_run_notifies_ready_after_the_first_sample_and_feeds_the_watchdog(
-    tmp_path: Path, broker: Mosquitto, prefix: str, notify_socket: socket.socket,
+    tmp_path: Path,
+    broker: Mosquitto,
+    prefix: str,
+    notify_socket: socket.socket,
     agent_process: Callable[..., subprocess.Popen[bytes]],
     subscribe: Callable[[str], Subscriber],
 ) -> None:
     sub = subscribe(f"{prefix}/#")
-    proc = agent_process(write_config(tmp_path, broker, prefix),
-                         {"NOTIFY_SOCKET": str(tmp_path / "notify")})
+    proc = agent_process(
+        write_config(tmp_path, broker, prefix), {"NOTIFY_SOCKET": str(tmp_path / "notify")}
+    )
     seen = notifications_until(notify_socket, "READY=1")
     # Every vCPU state is published by the time READY is sent.
     sub.wait_for(lambda m: m.topic.endswith("/vcpu/1/state"), timeout=5)
@@ -97,13 +103,21 @@ def test_run_notifies_ready_after_the_first_sample_and_feeds_the_watchdog(
     assert last.retain
     lines = [json.loads(line) for line in (tmp_path / "agent.log").read_text().splitlines()]
     events = [line["event"] for line in lines]
-    for expected in ("agent.starting", "libvirt.connected", "mqtt.connected", "agent.ready",
-                     "agent.stopping", "agent.stopped"):
+    for expected in (
+        "agent.starting",
+        "libvirt.connected",
+        "mqtt.connected",
+        "agent.ready",
+        "agent.stopping",
+        "agent.stopped",
+    ):
         assert expected in events
 
 
 def test_the_last_will_says_offline_when_the_agent_is_killed(
-    tmp_path: Path, broker: Mosquitto, prefix: str,
+    tmp_path: Path,
+    broker: Mosquitto,
+    prefix: str,
     agent_process: Callable[..., subprocess.Popen[bytes]],
     subscribe: Callable[[str], Subscriber],
 ) -> None:
@@ -121,37 +135,53 @@ def test_the_last_will_says_offline_when_the_agent_is_killed(
 def test_snapshot_prints_the_seeds_state_names(capfd: pytest.CaptureFixture[str]) -> None:
     out = subprocess.run(
         [*AGENT, "snapshot", "--config", "/nonexistent-default.toml"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert out.returncode == 78  # an explicit config that does not exist
     cfg = Path(os.environ.get("TMPDIR", "/tmp")) / f"snap-{os.getpid()}.toml"
     cfg.write_text('[libvirt]\nuri = "test:///default"\n[log]\nformat = "json"\n')
     try:
-        table = subprocess.run([*AGENT, "snapshot", "--config", str(cfg), "--wait", "0.1"],
-                               capture_output=True, text=True, check=True)
+        table = subprocess.run(
+            [*AGENT, "snapshot", "--config", str(cfg), "--wait", "0.1"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         assert "Domain:         test" in table.stdout
         assert "  State:        running" in table.stdout
-        doc = json.loads(subprocess.run(
-            [*AGENT, "snapshot", "--config", str(cfg), "--wait", "0.1", "--json"],
-            capture_output=True, text=True, check=True).stdout)
+        doc = json.loads(
+            subprocess.run(
+                [*AGENT, "snapshot", "--config", str(cfg), "--wait", "0.1", "--json"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
     finally:
         cfg.unlink()
     [dom] = [d for d in doc["domains"] if d["domain"] == "test"]
-    assert isinstance(decode(json.dumps({k: v for k, v in dom.items() if k != "vcpus"})),
-                      DomainStatePayload)
+    assert isinstance(
+        decode(json.dumps({k: v for k, v in dom.items() if k != "vcpus"})), DomainStatePayload
+    )
     states = [decode(json.dumps(v)) for v in dom["vcpus"]]
     assert all(isinstance(s, VcpuStatePayload) for s in states)
     assert [(s.vcpu, s.state, s.label) for s in states] == [  # type: ignore[attr-defined]
-        (0, "running", "running"), (1, "running", "running")]
+        (0, "running", "running"),
+        (1, "running", "running"),
+    ]
 
 
 def test_snapshot_exits_69_when_libvirt_cannot_be_reached(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
-    cfg.write_text(f'[libvirt]\nuri = "qemu+unix:///system?socket={tmp_path}/none"\n'
-                   "call_timeout = 5.0\n")
+    cfg.write_text(
+        f'[libvirt]\nuri = "qemu+unix:///system?socket={tmp_path}/none"\ncall_timeout = 5.0\n'
+    )
     started = time.monotonic()
-    out = subprocess.run([*AGENT, "snapshot", "--config", str(cfg)],
-                         capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [*AGENT, "snapshot", "--config", str(cfg)], capture_output=True, text=True, check=False
+    )
     assert out.returncode == 69
     assert "cannot sample" in out.stderr
     assert "Traceback" not in out.stderr

@@ -25,12 +25,14 @@ def test_the_shipped_config_documents_every_key() -> None:
 
 def test_every_problem_is_reported_at_once_with_its_toml_path() -> None:
     with pytest.raises(ConfigError) as err:
-        parse({
-            "mqtt": {"port": "x", "prot": 1},
-            "sampling": {"interval": -1, "halted_leave": 0.9},
-            "bogus": {},
-            "log": [],
-        })
+        parse(
+            {
+                "mqtt": {"port": "x", "prot": 1},
+                "sampling": {"interval": -1, "halted_leave": 0.9},
+                "bogus": {},
+                "log": [],
+            }
+        )
     assert err.value.problems == [
         "sampling.interval: expected a number in [0.05, 3600.0], got int -1",
         "mqtt.port: expected an integer from 1 to 65535, got 'x'",

@@ -49,8 +49,8 @@ def test_the_subscriber_in_the_docs_is_the_example_file() -> None:
         re.sub(r"\s+", " ", line.strip()).replace(", flush=True", "")
         for line in example.splitlines()
     }
-    for line in block.splitlines():
-        line = re.sub(r"\s+", " ", line.strip())
+    for raw in block.splitlines():
+        line = re.sub(r"\s+", " ", raw.strip())
         if not line or line.startswith(("client.connect", "PREFIX =", "def on_message")):
             continue
         if line.startswith('print(f"{where.host}') or line.startswith('f"{body'):

@@ -19,8 +19,9 @@ EXPECTED_SOURCE = {"tcg": Source.CPUTIME, "kvm": Source.KVM}
 PHASE_STATE = {"busy": VcpuState.RUNNING, "halted": VcpuState.HALTED}
 
 
-def replay(rec: Recording, *, every: int = 1, th: Thresholds | None = None
-           ) -> tuple[HostState, list[VcpuTransition]]:
+def replay(
+    rec: Recording, *, every: int = 1, th: Thresholds | None = None
+) -> tuple[HostState, list[VcpuTransition]]:
     host = HostState()
     out: list[VcpuTransition] = []
     for records in rec.samples[::every]:
@@ -41,7 +42,7 @@ def test_each_phase_change_yields_exactly_one_transition_from_the_right_source(
     virt: str, every: int
 ) -> None:
     rec = load(RECORDINGS[virt])
-    interval = float(rec.meta["interval_s"]) * every  # type: ignore[arg-type]
+    interval = rec.interval * every
     _, transitions = replay(rec, every=every)
     for domain in rec.meta["_markers_by_domain"]:  # type: ignore[attr-defined]
         markers = detectable_markers(rec, domain, interval)
@@ -58,7 +59,7 @@ def test_each_phase_change_yields_exactly_one_transition_from_the_right_source(
 @pytest.mark.parametrize("virt", ["tcg", "kvm"])
 def test_the_change_time_estimate_lands_near_the_guests_own_marker(virt: str) -> None:
     rec = load(RECORDINGS[virt])
-    interval = float(rec.meta["interval_s"]) * 4  # 1 s samples: the estimate matters most
+    interval = rec.interval * 4  # 1 s samples: the estimate matters most
     _, transitions = replay(rec, every=4)
     markers = detectable_markers(rec, rec.toggler, interval)
     seen = [t for t in transitions if t.domain == rec.toggler and t.vcpu == 0]
@@ -76,9 +77,7 @@ def test_the_change_time_estimate_lands_near_the_guests_own_marker(virt: str) ->
 def test_a_vcpu_parked_by_the_firmware_is_halted_and_stays_halted(virt: str) -> None:
     rec = load(RECORDINGS[virt])
     host, transitions = replay(rec)
-    parked = [
-        (uuid, dom) for uuid, dom in host.domains.items() if len(dom.vcpus) == 2
-    ]
+    parked = [(uuid, dom) for uuid, dom in host.domains.items() if len(dom.vcpus) == 2]
     assert parked, "the recording has a two-vCPU guest"
     for uuid, dom in parked:
         view = dom.vcpus[1].view
@@ -97,9 +96,7 @@ def test_a_hot_plugged_vcpu_goes_from_offline_to_running_or_halted() -> None:
     transitions: list[VcpuTransition] = []
     for records in rec.samples:
         host, changes = advance(host, records, Thresholds(), complete=True)
-        transitions.extend(
-            c for c in changes if isinstance(c, VcpuTransition) and c.vcpu == 1
-        )
+        transitions.extend(c for c in changes if isinstance(c, VcpuTransition) and c.vcpu == 1)
         view = next(iter(host.domains.values())).vcpus[1].view
         assert view is not None
         first_seen.setdefault(view.state, records[0].t_mono)
@@ -109,7 +106,7 @@ def test_a_hot_plugged_vcpu_goes_from_offline_to_running_or_halted() -> None:
     assert transitions[0].after.state in (VcpuState.RUNNING, VcpuState.HALTED)
     # Within two sample intervals of the hot-plug call returning.
     online_at = min(t for s, t in first_seen.items() if s is not VcpuState.OFFLINE)
-    assert online_at - float(hotplug["t_mono_after"]) <= 2 * float(rec.meta["interval_s"]) + 0.05  # type: ignore[arg-type]
+    assert online_at - float(hotplug["t_mono_after"]) <= 2 * rec.interval + 0.05
 
 
 def _delays(rec: Recording, transitions: list[VcpuTransition], interval: float) -> list[float]:
@@ -125,7 +122,8 @@ def test_a_quick_second_look_at_suspects_cuts_the_detection_delay(virt: str) -> 
     """At 1 s samples, re-sample suspect domains at the next 0.25 s record."""
     rec = load(RECORDINGS[virt])
     every, interval = 4, 1.0
-    host, probed = HostState(), []
+    host = HostState()
+    probed: list[VcpuTransition] = []
     for i in range(0, len(rec.samples), every):
         host, changes = advance(host, rec.samples[i], Thresholds(), complete=True)
         probed.extend(c for c in changes if isinstance(c, VcpuTransition))
@@ -146,10 +144,13 @@ def test_a_quick_second_look_at_suspects_cuts_the_detection_delay(virt: str) -> 
 def test_the_s390_halted_flag_decides_at_once_on_fake_s390_records() -> None:
     rec = synthetic_s390_from("records-tcg.json")  # FAKE: see synthetic_s390_from
     host, transitions = replay(rec)
-    interval = float(rec.meta["interval_s"])  # type: ignore[arg-type]
+    interval = rec.interval
     markers = detectable_markers(rec, rec.toggler, interval)
-    seen = [t for t in transitions if t.domain == rec.toggler and t.vcpu == 0
-            and t.at > markers[0][0] - interval]
+    seen = [
+        t
+        for t in transitions
+        if t.domain == rec.toggler and t.vcpu == 0 and t.at > markers[0][0] - interval
+    ]
     assert [t.after.state for t in seen][: len(markers)] == [PHASE_STATE[p] for _, p in markers]
     assert {t.after.source for t in seen} == {Source.LIBVIRT}
     # A flag is a fact: seen at the first sample after the marker, never later.

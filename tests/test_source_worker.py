@@ -11,8 +11,13 @@ from agent.source import LibvirtSource, SourceBusyError, SourceTimeoutError
 
 
 def source(timeout: float) -> LibvirtSource:
-    return LibvirtSource(uri="test:///default", read_only=True, call_timeout=timeout,
-                         keepalive=(5, 3), on_event=lambda _e: None)
+    return LibvirtSource(
+        uri="test:///default",
+        read_only=True,
+        call_timeout=timeout,
+        keepalive=(5, 3),
+        on_event=lambda _e: None,
+    )
 
 
 def test_a_stalled_call_leaves_the_spare_thread_for_the_next_one() -> None:

@@ -51,7 +51,11 @@ def test_hostile_names_make_valid_topics_that_parse_back(name: str) -> None:
     assert all(_valid_level(level) for level in topic.split("/"))
     parsed = parse_topic("vcpu", topic)
     assert (parsed.host, parsed.domain, parsed.vcpu, parsed.kind) == (
-        "host/1", name, 3, "vcpu_transition")
+        "host/1",
+        name,
+        3,
+        "vcpu_transition",
+    )
 
 
 def test_safe_names_read_unchanged() -> None:

@@ -36,8 +36,11 @@ def stats(draw: st.DrawFn) -> dict[str, object]:
             for key in ("state", "time", "halted", "halt_wait_ns.sum"):
                 if draw(st.integers(0, 3)) > 0:
                     value = draw(
-                        st.sampled_from([0, 1, 2]) if key == "state"
-                        else st.booleans() if key == "halted" else counter
+                        st.sampled_from([0, 1, 2])
+                        if key == "state"
+                        else st.booleans()
+                        if key == "halted"
+                        else counter
                     )
                     out[f"vcpu.{n}.{key}"] = value
     return out
@@ -91,7 +94,7 @@ def test_every_transition_starts_where_the_previous_one_ended(
 @settings(max_examples=120, deadline=None)
 @given(batches())
 def test_replaying_a_snapshot_yields_no_transition(
-    steps: list[tuple[list[DomainRecord], bool]]
+    steps: list[tuple[list[DomainRecord], bool]],
 ) -> None:
     host = HostState()
     for records, complete in steps:
@@ -106,7 +109,7 @@ def test_replaying_a_snapshot_yields_no_transition(
 @settings(max_examples=80, deadline=None)
 @given(batches())
 def test_a_complete_sample_forgets_vanished_domains_and_clears_them(
-    steps: list[tuple[list[DomainRecord], bool]]
+    steps: list[tuple[list[DomainRecord], bool]],
 ) -> None:
     host = HostState()
     for records, _complete in steps:

@@ -22,8 +22,8 @@ needs_systemd = pytest.mark.skipif(
 def unit_options() -> dict[str, list[str]]:
     options: dict[str, list[str]] = {}
     section = ""
-    for line in UNIT.read_text().splitlines():
-        line = line.strip()
+    for raw in UNIT.read_text().splitlines():
+        line = raw.strip()
         if line.startswith("["):
             section = line.strip("[]")
         elif line and not line.startswith("#"):
@@ -42,8 +42,12 @@ def installed_copy(tmp_path: Path) -> Path:
 
 @needs_systemd
 def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
-    out = subprocess.run(["systemd-analyze", "verify", str(installed_copy(tmp_path))],
-                         capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        ["systemd-analyze", "verify", str(installed_copy(tmp_path))],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stderr.strip() == ""
 
@@ -52,7 +56,9 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
 def test_the_unit_exposure_score_is_low(tmp_path: Path) -> None:
     out = subprocess.run(
         ["systemd-analyze", "security", "--offline=yes", str(installed_copy(tmp_path))],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     score = re.search(r"Overall exposure level for \S+: ([0-9.]+)", out.stdout)
     assert score is not None, out.stdout + out.stderr
@@ -66,15 +72,23 @@ def test_the_unit_is_a_watched_notify_service_that_does_not_retry_bad_config() -
     assert opts["Service.RestartPreventExitStatus"] == [str(EX_CONFIG)]
     assert int(opts["Service.WatchdogSec"][0]) >= 20
     assert opts["Service.ExecStart"][0].split()[1:] == [
-        "run", "--config", "/etc/vcpu-agent/config.toml"]
+        "run",
+        "--config",
+        "/etc/vcpu-agent/config.toml",
+    ]
 
 
 def test_the_unit_runs_unprivileged_and_hardened() -> None:
     opts = unit_options()
     for key, value in {
-        "DynamicUser": "yes", "NoNewPrivileges": "yes", "ProtectSystem": "strict",
-        "ProtectHome": "yes", "PrivateDevices": "yes", "CapabilityBoundingSet": "",
-        "StateDirectory": "vcpu-agent", "MemoryDenyWriteExecute": "yes",
+        "DynamicUser": "yes",
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateDevices": "yes",
+        "CapabilityBoundingSet": "",
+        "StateDirectory": "vcpu-agent",
+        "MemoryDenyWriteExecute": "yes",
     }.items():
         assert opts[f"Service.{key}"] == [value], key
     assert "User" not in {k.split(".")[1] for k in opts}
