@@ -159,19 +159,20 @@ def _advance_domain(
         (prev.name, prev.state, prev.reason, prev.vcpu_current, prev.vcpu_maximum)
         != (domain.name, domain.state, domain.reason, domain.vcpu_current, domain.vcpu_maximum)
     ):
-        changes.insert(
-            0,
-            DomainStateSet(
-                domain=domain.name,
-                uuid=domain.uuid,
-                state=domain.state,
-                reason=domain.reason,
-                vcpu_current=domain.vcpu_current,
-                vcpu_maximum=domain.vcpu_maximum,
-                at=record.t_wall,
-            ),
-        )
+        changes.insert(0, _domain_state(domain, record.t_wall))
     return domain, changes
+
+
+def _domain_state(dom: DomainTrack, at: float) -> DomainStateSet:
+    return DomainStateSet(
+        domain=dom.name,
+        uuid=dom.uuid,
+        state=dom.state,
+        reason=dom.reason,
+        vcpu_current=dom.vcpu_current,
+        vcpu_maximum=dom.vcpu_maximum,
+        at=at,
+    )
 
 
 def retire(host: HostState, uuid: str) -> tuple[HostState, list[Change]]:
@@ -237,17 +238,7 @@ def current_state(host: HostState, at: float) -> list[Change]:
     """Every domain's and established vCPU's state, as changes (for snapshots)."""
     out: list[Change] = []
     for dom in sorted(host.domains.values(), key=lambda d: (d.name, d.uuid)):
-        out.append(
-            DomainStateSet(
-                domain=dom.name,
-                uuid=dom.uuid,
-                state=dom.state,
-                reason=dom.reason,
-                vcpu_current=dom.vcpu_current,
-                vcpu_maximum=dom.vcpu_maximum,
-                at=at,
-            )
-        )
+        out.append(_domain_state(dom, at))
         for index in sorted(dom.vcpus):
             track = dom.vcpus[index]
             if track.view is not None:
