@@ -37,9 +37,10 @@ _VIRT_SKIPPED: dict[str, str] = {}
 
 
 @pytest.fixture(scope="session")
-def e2e_daemon() -> Iterator[Libvirtd]:
-    with Libvirtd() as daemon:
-        yield daemon
+def e2e_daemon(libvirtd: Libvirtd) -> Libvirtd:
+    """The session's one libvirtd (tests/conftest.py): a second lab registration
+    in this process would make restart tests refuse, seeing "another user"."""
+    return libvirtd
 
 
 @pytest.fixture(scope="session")

@@ -29,9 +29,10 @@ def image_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def lab_daemon() -> Iterator[Libvirtd]:
-    with Libvirtd() as daemon:
-        yield daemon
+def lab_daemon(libvirtd: Libvirtd) -> Libvirtd:
+    """The session's one libvirtd (tests/conftest.py): a second lab registration
+    in this process would make restart tests refuse, seeing "another user"."""
+    return libvirtd
 
 
 @pytest.fixture(scope="module")
