@@ -156,7 +156,12 @@ class Service:
             while self._resamples and self._resamples[0][0] <= now:
                 due.add(heapq.heappop(self._resamples)[1])
             self._confirming -= due
-            if due:
+            if due and self.source.stalled:
+                # Only the spare worker thread is left: keep it for the bulk sample,
+                # which covers these domains too (a per-domain call was seen to
+                # block behind a frozen QEMU's monitor where the bulk call did not).
+                log.debug("sample.deferred", domains=len(due))
+            elif due:
                 await self._sample_some(due)
                 continue
             wake = min(next_tick, self._resamples[0][0]) if self._resamples else next_tick

@@ -153,6 +153,11 @@ class LibvirtSource:
             raise SourceError(f"{what}: {err.get_error_message() or err}") from err
 
     @property
+    def stalled(self) -> bool:
+        """A timed-out call still holds a worker thread (see ``_call``)."""
+        return self._stalled is not None and not self._stalled.done()
+
+    @property
     def connected(self) -> bool:
         return self._conn is not None
 
@@ -167,7 +172,14 @@ class LibvirtSource:
 
     def _open(self, loop: asyncio.AbstractEventLoop, generation: int) -> libvirt.virConnect:
         conn = libvirt.openReadOnly(self.uri) if self.read_only else libvirt.open(self.uri)
-        emit = self._on_event
+        on_event = self._on_event
+
+        def emit(event: SourceEvent) -> None:
+            # Runs on libvirt's event thread: hand over, never raise (libvirt would
+            # print and swallow it). An event dispatched after the service stopped
+            # finds the loop closed: nobody is left to tell.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(on_event, event)
 
         def lifecycle(
             _c: object, dom: libvirt.virDomain, event: int, detail: int, _o: object
@@ -179,7 +191,7 @@ class LibvirtSource:
                 detail=detail_name(event, detail),
                 t_wall=time.time(),
             )
-            loop.call_soon_threadsafe(emit, ev)
+            emit(ev)
 
         def reboot(_c: object, dom: libvirt.virDomain, _o: object) -> None:
             ev = LifecycleEvent(
@@ -189,11 +201,11 @@ class LibvirtSource:
                 detail="",
                 t_wall=time.time(),
             )
-            loop.call_soon_threadsafe(emit, ev)
+            emit(ev)
 
         def closed(_c: object, reason: int, _o: object) -> None:
             reason_text = _CLOSE_REASONS.get(reason, f"reason-{reason}")
-            loop.call_soon_threadsafe(emit, ConnectionLost(reason_text, generation))
+            emit(ConnectionLost(reason_text, generation))
 
         try:
             self._callback_ids = [
