@@ -13,6 +13,7 @@ libvirt fault tests (``tests/faults``) and the latency benchmark
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -65,6 +66,7 @@ class AgentProcess:
         interval: float,
         uri: str = URI,
         log_level: str = "info",
+        libvirt_keys: dict[str, float] | None = None,
     ) -> None:
         self.workdir = workdir
         self.config_path = workdir / "agent.toml"
@@ -74,7 +76,9 @@ class AgentProcess:
         self.interval = interval
         self._config = (
             f'[agent]\nhost_id = "{host_id}"\n\n'
-            f'[libvirt]\nuri = "{uri}"\n\n'
+            f'[libvirt]\nuri = "{uri}"\n'
+            + "".join(f"{k} = {v}\n" for k, v in (libvirt_keys or {}).items())
+            + "\n"
             f"[sampling]\ninterval = {interval}\n\n"
             f'[mqtt]\nhost = "127.0.0.1"\nport = {broker_port}\ntopic_prefix = "{prefix}"\n\n'
             # A spool of its own: the default path is shared by every agent on the host.
@@ -124,6 +128,24 @@ class AgentProcess:
                 proc.kill()
                 proc.wait()
         return proc.returncode
+
+    def log_events(self) -> list[dict[str, object]]:
+        """The agent's JSON log lines so far, parsed (other lines skipped)."""
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
+    def wait_log(self, event: str, timeout: float) -> dict[str, object]:
+        """The first log line with this event name, waiting up to ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for e in self.log_events():
+                if e.get("event") == event:
+                    return e
+            time.sleep(0.1)
+        raise TimeoutError(f"no {event} in the agent log:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 40) -> str:
         try:

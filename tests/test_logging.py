@@ -10,7 +10,6 @@ import re
 from pathlib import Path
 
 import structlog
-from structlog.testing import capture_logs
 
 from agent import logs
 
@@ -68,9 +67,3 @@ def test_json_lines_carry_the_event_and_bound_context() -> None:
     assert first["timestamp"].endswith("Z")
     assert second["event"] == "from paho"
     assert second["logger"] == "paho"
-
-
-def test_capture_logs_sees_the_service_events() -> None:
-    with capture_logs() as captured:
-        logs.get("agent.x").warning("sample.stalled", reason="r")
-    assert captured == [{"event": "sample.stalled", "reason": "r", "log_level": "warning"}]
