@@ -93,7 +93,6 @@ class Publisher:
         self.started_at = started_at
         self.client_id = client_id
         self.connected = asyncio.Event()
-        self.on_connected: list[Callable[[], None]] = []
         self._retained: dict[str, bytes] = {}  # topic -> payload (b"" pending a clear)
         self._client: paho.Client | None = None
         self._fd: int | None = None  # the current client's socket, watched by the loop
@@ -111,7 +110,6 @@ class Publisher:
         self._gap_sent = self._gap_reported
         self._gap_inflight: dict[int, int] = {}
         self._refused: str | None = None  # why the broker refused a publish, if it did
-        self.connects = 0
 
     # -- what the service calls -----------------------------------------------------
 
@@ -294,10 +292,9 @@ class Publisher:
         if rc.is_failure:
             client.disconnect()
             raise MqttRefusedError(f"broker refused the connection: [code:{rc.value}] {rc}")
-        self._after_connack(client)
+        self._after_connack()
 
-    def _after_connack(self, client: paho.Client) -> None:
-        self.connects += 1
+    def _after_connack(self) -> None:
         self._inflight.clear()
         self._sent_upto = 0
         self._gap_inflight.clear()
@@ -315,10 +312,7 @@ class Publisher:
             retained=len(self._retained),
             client_id=self.client_id,
         )
-        for hook in self.on_connected:
-            hook()
         self._pump()
-        del client
 
     async def _serve(self) -> None:
         """Run keepalive housekeeping until the connection drops."""
