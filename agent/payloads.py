@@ -19,7 +19,9 @@ import typing
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal, Self
 
-SCHEMA = 1
+SCHEMA = 2
+# Schema 2 added ``epoch`` (status, vcpu_state, transition, lifecycle, gap) and
+# fixed what a retained vcpu_state's ``seq`` means (docs/topics.md, "Schema").
 # One encoder: json.dumps with non-default options builds a new one per call.
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
@@ -127,6 +129,7 @@ class Status(Payload):
     status: Literal["online", "offline"]
     version: str
     started_at: str
+    epoch: str  # the numbering space of every seq this agent publishes (see Transition)
     at: str
 
 
@@ -144,6 +147,7 @@ class VcpuStatePayload(Payload):
     ratio: float | None  # halted share of the deciding interval, 0..1
     since: str  # when this state began (estimated for kvm/cputime)
     seq: int  # the seq of the transition that entered this state (0: none yet)
+    epoch: str
     at: str  # when it was observed
 
 
@@ -163,7 +167,10 @@ class Transition(Payload):
     changed_at: str  # best estimate of when it happened, from straddling intervals
     previous_duration_s: float  # time spent in ``from``
     seq: int  # per vCPU, +1 per transition: gaps and duplicates are detectable
-    resync: bool  # true when seen in the first sample after a reconnect
+    # seqs are numbered within an epoch: a new epoch (a new spool, or a memory-only
+    # agent's restart) starts every seq at 1 again, so a subscriber resets its chain.
+    epoch: str
+    resync: bool  # a change the agent found, not saw: it happened while it could not look
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -200,6 +207,7 @@ class Lifecycle(Payload):
     detail: str
     at: str
     seq: int  # per domain, +1 per event
+    epoch: str
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -213,7 +221,8 @@ class Gap(Payload):
 
     KIND: ClassVar[str] = "gap"
     dropped: int  # events dropped since the previous gap marker
-    dropped_total: int  # events dropped over the spool's whole life
+    dropped_total: int  # events dropped over the spool's whole life (this epoch)
+    epoch: str
     at: str
 
 

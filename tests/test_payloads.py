@@ -32,6 +32,7 @@ TRANSITION = Transition(
     changed_at="2026-11-26T09:00:00.400Z",
     previous_duration_s=3.0,
     seq=7,
+    epoch="e1",
     resync=False,
 )
 SAMPLES = [
@@ -41,6 +42,7 @@ SAMPLES = [
         status="online",
         version="0.1.0",
         started_at="2026-11-26T09:00:00.000Z",
+        epoch="e1",
         at="2026-11-26T09:00:00.000Z",
     ),
     VcpuStatePayload(
@@ -54,6 +56,7 @@ SAMPLES = [
         ratio=None,
         since="2026-11-26T09:00:00.000Z",
         seq=0,
+        epoch="e1",
         at="2026-11-26T09:00:00.000Z",
     ),
     DomainStatePayload(
@@ -74,6 +77,7 @@ SAMPLES = [
         detail="paused",
         at="2026-11-26T09:00:00.000Z",
         seq=1,
+        epoch="e1",
     ),
 ]
 

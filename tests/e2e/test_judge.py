@@ -34,6 +34,7 @@ def _seen(at: float, src: str, dst: str, *, seq: int = 1) -> Seen:
         changed_at=rfc3339(T0 + at - 0.1),
         previous_duration_s=1.0,
         seq=seq,
+        epoch="e1",
         resync=False,
     )
     where = ParsedTopic(host="h", kind="vcpu_transition", domain="d", vcpu=0)
