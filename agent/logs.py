@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections.abc import Callable
 from typing import Literal, TextIO
 
 import structlog
@@ -72,3 +74,63 @@ def get(name: str) -> structlog.stdlib.BoundLogger:
 def stdlib(name: str) -> logging.Logger:
     """A stdlib logger for libraries that want one (paho); it joins our pipeline."""
     return logging.getLogger(name)
+
+
+class LastingFault:
+    """Logs a fault that lasts as three kinds of line, never one per occurrence.
+
+    ``hit()`` on each occurrence: the first logs ``<event>`` at once (warning);
+    while the fault lasts, at most one reminder every ``every`` seconds, with the
+    occurrences counted since the last line; ``clear()`` logs ``<event>.ended``
+    with the total and how long it lasted. A fault that repeats four times a
+    second for an hour writes ~60 lines at the default pace, not 14,400.
+    """
+
+    def __init__(
+        self,
+        logger: structlog.stdlib.BoundLogger,
+        event: str,
+        *,
+        every: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._log = logger
+        self.event = event
+        self.every = every
+        self._clock = clock
+        self._started: float | None = None
+        self._last_line = 0.0
+        self._since_line = 0
+        self.count = 0
+
+    @property
+    def active(self) -> bool:
+        return self._started is not None
+
+    def hit(self, **fields: object) -> None:
+        now = self._clock()
+        self.count += 1
+        self._since_line += 1
+        if self._started is None:
+            self._started = self._last_line = now
+            self._since_line = 0
+            self._log.warning(self.event, **fields)
+        elif now - self._last_line >= self.every:
+            self._log.warning(
+                self.event,
+                ongoing=True,
+                count=self._since_line,
+                lasting_s=round(now - self._started, 1),
+                **fields,
+            )
+            self._last_line = now
+            self._since_line = 0
+
+    def clear(self, **fields: object) -> None:
+        if self._started is None:
+            return
+        lasted = self._clock() - self._started
+        self._log.info(f"{self.event}.ended", count=self.count, lasted_s=round(lasted, 1), **fields)
+        self._started = None
+        self.count = 0
+        self._since_line = 0
