@@ -88,6 +88,11 @@ class Outbox(Protocol):
         """The broker has it: forget it (an unknown id is ignored)."""
         ...
 
+    def drop(self, entry_id: int) -> None:
+        """The broker can never take this entry (too large): remove it and count it
+        in ``dropped``, so a ``gap`` message tells subscribers."""
+        ...
+
     def __len__(self) -> int:
         """Entries queued and not yet acknowledged."""
         ...
@@ -219,6 +224,10 @@ class MemoryOutbox:
 
     def ack(self, entry_id: int) -> None:
         self._queue.ack(entry_id)
+
+    def drop(self, entry_id: int) -> None:
+        if self._queue.ack(entry_id):
+            self._dropped += 1
 
     def __len__(self) -> int:
         return len(self._queue.entries)
