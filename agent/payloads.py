@@ -16,6 +16,7 @@ import json
 import math
 import types
 import typing
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal, Self
 
@@ -64,13 +65,13 @@ class Payload:
 
     @classmethod
     def from_dict(cls, body: dict[str, Any]) -> Self:
-        hints = typing.get_type_hints(cls)
         values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            key = f.metadata.get("key", f.name)
-            if key not in body:
-                raise PayloadError(f"{cls.KIND}: missing field {key!r}")
-            values[f.name] = _check(cls.KIND, key, body[key], hints[f.name])
+        for key, name, check in _validators(cls):
+            try:
+                value = body[key]
+            except KeyError:
+                raise PayloadError(f"{cls.KIND}: missing field {key!r}") from None
+            values[name] = check(value)
         return cls(**values)
 
 
@@ -84,6 +85,88 @@ def _wire_names(cls: type[Payload]) -> tuple[tuple[str, str], ...]:
         names = tuple((f.metadata.get("key", f.name), f.name) for f in dataclasses.fields(cls))
         _WIRE_NAMES[cls] = names
     return names
+
+
+Validator = Callable[[object], object]
+_VALIDATORS: dict[type[Payload], tuple[tuple[str, str, Validator], ...]] = {}
+
+
+def _validators(cls: type[Payload]) -> tuple[tuple[str, str, Validator], ...]:
+    """(JSON key, attribute, checker) of every field, built once per class.
+
+    ``typing.get_type_hints`` costs ~300 us per class: resolving the hints on each
+    message made ``decode`` 40x slower than ``json.loads`` (issue 8).
+    """
+    found = _VALIDATORS.get(cls)
+    if found is None:
+        hints = typing.get_type_hints(cls)
+        found = tuple(
+            (key, name, _validator(cls.KIND, key, hints[name])) for key, name in _wire_names(cls)
+        )
+        _VALIDATORS[cls] = found
+    return found
+
+
+def _validator(kind: str, key: str, hint: object) -> Validator:
+    """A checker for one field, specialised for its hint; same rules as ``_check``."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        allowed = frozenset(typing.get_args(hint))
+
+        def literal(value: object) -> object:
+            if isinstance(value, str) and value in allowed:
+                return value
+            return _check(kind, key, value, hint)  # raises with the reference message
+
+        return literal
+    if origin in (types.UnionType, typing.Union):
+        arms = typing.get_args(hint)
+        if len(arms) == 2 and type(None) in arms:  # "X | None"
+            inner = _validator(kind, key, next(a for a in arms if a is not type(None)))
+
+            def optional(value: object) -> object:
+                if value is None:
+                    return None
+                try:
+                    return inner(value)
+                except PayloadError:  # the reference's message for the whole union
+                    return _check(kind, key, value, hint)
+
+            return optional
+        return lambda value: _check(kind, key, value, hint)
+    if hint is str:
+
+        def text(value: object) -> object:
+            if type(value) is str:
+                return value
+            return _check(kind, key, value, hint)
+
+        return text
+    if hint is int:
+
+        def integer(value: object) -> object:
+            if type(value) is int:
+                return value
+            return _check(kind, key, value, hint)
+
+        return integer
+    if hint is float:
+
+        def number(value: object) -> object:
+            if isinstance(value, float | int) and type(value) is not bool and math.isfinite(value):
+                return float(value)
+            return _check(kind, key, value, hint)
+
+        return number
+    if hint is bool:
+
+        def flag(value: object) -> object:
+            if type(value) is bool:
+                return value
+            return _check(kind, key, value, hint)
+
+        return flag
+    raise TypeError(f"unsupported field type {hint!r}")  # pragma: no cover
 
 
 def _check(kind: str, key: str, value: object, hint: object) -> object:  # noqa: PLR0912
