@@ -47,6 +47,10 @@ class Thresholds:
     # A share that moved this far toward the other state without deciding it makes
     # the vCPU a suspect: the service re-samples its domain soon to confirm.
     suspect: float = 0.1
+    # A bulk call that took more than this share of the interval it closes dates
+    # its counters too loosely for a share (they were read somewhere within it):
+    # such a sample only takes a new baseline.
+    misdated: float = 0.25
 
 
 class Evidence(NamedTuple):
@@ -81,6 +85,9 @@ class VcpuTrack(NamedTuple):
     streak: int = 0
     suspect: bool = False  # a change may be under way: worth a quick second look
     kvm: bool = False  # KVM stats seen while running: their absence means unreadable
+    # Continuity was lost (libvirt reconnect): the next decided state may hide a
+    # change that happened unseen, so a transition it makes is a resync.
+    gap: bool = False
 
 
 def _idle_share(prev: VcpuRecord, cur: VcpuRecord, dt_ns: float) -> float | None:
@@ -116,7 +123,9 @@ def _share(prev: VcpuRecord, cur: VcpuRecord, dt_ns: float) -> tuple[Source, flo
     return None
 
 
-def evidence(prev: VcpuTrack | None, record: VcpuRecord, domain: DomainRecord) -> Evidence | None:
+def evidence(
+    prev: VcpuTrack | None, record: VcpuRecord, domain: DomainRecord, th: Thresholds
+) -> Evidence | None:
     """What this sample says about the vCPU; None when it says nothing yet."""
     if not domain.state.vcpus_active:
         return _NA
@@ -146,9 +155,10 @@ def evidence(prev: VcpuTrack | None, record: VcpuRecord, domain: DomainRecord) -
         return Evidence(VcpuState.UNKNOWN, Source.VCPUSTATE, None, immediate=False)
     if prev is None or not prev.active:
         return None  # counters need a baseline taken while the guest was running
-    dt_ns = (domain.t_mono - prev.t_mono) * 1e9
-    if dt_ns <= 0:
+    dt = domain.t_mono - prev.t_mono
+    if dt <= 0 or domain.took > th.misdated * dt:
         return None
+    dt_ns = dt * 1e9
     measured = _share(prev.record, record, dt_ns)
     if measured is None:
         return None
@@ -201,6 +211,7 @@ def _track(
     streak: int = 0,
     suspect: bool = False,
     kvm: bool = False,
+    gap: bool = False,
 ) -> VcpuTrack:
     # Positional: keyword construction of a NamedTuple is markedly slower.
     return VcpuTrack(
@@ -217,6 +228,7 @@ def _track(
         streak,
         suspect,
         kvm,
+        gap,
     )
 
 
@@ -236,12 +248,22 @@ def _suspect(prev: VcpuTrack, share: float, held: VcpuState, th: Thresholds) -> 
 
 
 def observe(
-    prev: VcpuTrack | None, record: VcpuRecord, domain: DomainRecord, th: Thresholds
+    prev: VcpuTrack | None,
+    record: VcpuRecord,
+    domain: DomainRecord,
+    th: Thresholds,
+    *,
+    whole: bool = True,
 ) -> VcpuTrack:
-    """Fold one record into a vCPU's track; the track's view is what to report."""
+    """Fold one record into a vCPU's track; the track's view is what to report.
+
+    ``whole`` is False for a confirmation re-sample between two regular samples:
+    it may decide what needs one sample, but it never counts toward
+    ``min_samples`` or ``unknown_after``, which count whole samples.
+    """
     if prev is not None and domain.t_mono <= prev.t_mono:
         return prev  # the same sample again (or an older one): nothing new
-    ev = evidence(prev, record, domain)
+    ev = evidence(prev, record, domain, th)
     dt = domain.t_mono - prev.t_mono if prev is not None else 0.0
     kvm = record.halt_wait_ns is not None or (
         prev is not None and prev.kvm and prev.active and domain.state.vcpus_active
@@ -254,7 +276,16 @@ def observe(
             return _track(
                 record, domain, dt=dt, share=None, view=None, since=domain.t_wall, kvm=kvm
             )
-        return _track(record, domain, dt=dt, share=None, view=prev.view, since=prev.since, kvm=kvm)
+        return _track(
+            record,
+            domain,
+            dt=dt,
+            share=None,
+            view=prev.view,
+            since=prev.since,
+            kvm=kvm,
+            gap=prev.gap,
+        )
     if prev is None:
         view = VcpuView(_decide(None, ev, th), ev.source, ev.share)
         return _track(record, domain, dt=dt, share=share, view=view, since=domain.t_wall, kvm=kvm)
@@ -281,7 +312,8 @@ def observe(
     if state is VcpuState.UNKNOWN:
         needed = th.unknown_after
     continuing = prev.pending is not None and prev.pending.state is state
-    streak = prev.streak + 1 if continuing else 1
+    step = 1 if whole or needed == 1 else 0
+    streak = (prev.streak if continuing else 0) + step
     pending_since = (
         prev.pending_since if continuing else _changed_at(prev, ev, state, domain.t_wall, dt)
     )
@@ -301,4 +333,5 @@ def observe(
         streak=streak,
         suspect=True,
         kvm=kvm,
+        gap=prev.gap,
     )

@@ -125,6 +125,9 @@ class DomainRecord:
     vcpus: tuple[VcpuRecord, ...]
     t_mono: float  # time.monotonic() right after the call returned: for rates
     t_wall: float  # time.time() at the same moment: for timestamps
+    # How long the call that read it took: the counters were read at some unknown
+    # moment within it, so a delta over an interval is dated only this precisely.
+    took: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

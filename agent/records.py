@@ -71,6 +71,7 @@ def domain_record(
     stats: Mapping[str, object],
     t_mono: float,
     t_wall: float,
+    took: float = 0.0,
 ) -> DomainRecord:
     """Build a record from one ``(domain, stats)`` pair of a bulk stats call."""
     state = DomainState.parse(_int(stats, "state.state") or 0)
@@ -96,6 +97,7 @@ def domain_record(
         vcpus=vcpus,
         t_mono=t_mono,
         t_wall=t_wall,
+        took=took,
     )
 
 
@@ -109,6 +111,7 @@ def vcpuinfo_record(
     maximum: int | None,
     t_mono: float,
     t_wall: float,
+    took: float = 0.0,
 ) -> DomainRecord:
     """Build a record from ``virDomainGetVcpus`` (drivers without a bulk VCPU group).
 
@@ -134,4 +137,5 @@ def vcpuinfo_record(
         vcpus=tuple(vcpus.get(n, VcpuRecord(vcpu=n, state=0)) for n in range(top)),
         t_mono=t_mono,
         t_wall=t_wall,
+        took=took,
     )

@@ -3,11 +3,15 @@
 One task runs the sampling loop below; the publisher runs its own connection
 task. libvirt callbacks arrive as ``SourceEvent``s on ``self._events``.
 
-    tick (every sampling.interval)  -> bulk sample  -> advance -> publish
+    tick (every sampling.interval)  -> bulk sample  -> advance -> render -> publish
     lifecycle event                 -> publish it, re-sample that domain now and
                                        again after sampling.event_followup
-    connection lost                 -> reconnect with backoff, resync from a full
-                                       sample (first decisions marked resync)
+    connection lost                 -> reconnect with backoff, rebaseline (first
+                                       decisions marked resync)
+
+At start the renderer is seeded with the outbox's chain (what subscribers were
+told), so a change that happened while the agent was down is told as a resync
+transition from the state subscribers last saw (agent/render.py).
 
 The systemd watchdog is fed after each *completed* sample, never by a timer, so a
 hung libvirt stops the pings and systemd restarts us.
@@ -17,18 +21,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import signal
 import socket
 import time
-from collections.abc import Iterable
 
 from agent import __version__, logs
 from agent.config import Config
+from agent.delivery import MemoryOutbox, Outbox
 from agent.model import DomainRecord, LifecycleEvent
-from agent.mqtt import Publisher
-from agent.outbox import MemoryOutbox, Outbox
-from agent.render import Renderer, Sequencer
+from agent.publisher import Publisher
+from agent.render import Renderer
+from agent.schedule import Resamples
 from agent.sdnotify import Notifier
 from agent.source import (
     ConnectionLost,
@@ -38,7 +41,7 @@ from agent.source import (
     SourceEvent,
     SourceTimeoutError,
 )
-from agent.spool import SpoolError, SqliteSpool
+from agent.spool import SqliteSpool
 from agent.topics import Topics
 from agent.transitions import Change, HostState, VcpuTransition, advance, rebaseline, retire
 
@@ -49,6 +52,8 @@ READY_MQTT_WAIT = 10.0  # how long READY waits for the broker before going ahead
 
 
 class Service:
+    """The agent. Raises ``agent.spool.SpoolError`` when its spool is unusable."""
+
     def __init__(
         self, cfg: Config, *, notifier: Notifier | None = None, outbox: Outbox | None = None
     ) -> None:
@@ -56,20 +61,16 @@ class Service:
         self.notifier = notifier or Notifier()
         self.th = cfg.sampling.thresholds()
         self.topics = Topics(prefix=cfg.mqtt.topic_prefix, host=cfg.host_id)
-        outbox = outbox if outbox is not None else _open_outbox(cfg)
-        # With a durable spool, seqs continue where the last run left them.
-        self.spool = outbox if isinstance(outbox, SqliteSpool) else None
-        seqs = (
-            Sequencer(counters=self.spool.load_seqs(), on_next=self.spool.save_seq)
-            if self.spool is not None
-            else Sequencer()
+        self.outbox = outbox if outbox is not None else _open_outbox(cfg)
+        # The chain continues where subscribers were left (a new epoch starts at 1).
+        self.renderer = Renderer(
+            self.topics, qos=cfg.mqtt.qos, epoch=self.outbox.epoch, chain=self.outbox.chain()
         )
-        self.renderer = Renderer(self.topics, qos=cfg.mqtt.qos, seqs=seqs)
         self.started_at = time.time()
         self.publisher = Publisher(
             cfg=cfg.mqtt,
             topics=self.topics,
-            outbox=outbox,
+            outbox=self.outbox,
             started_at=self.started_at,
             client_id=cfg.mqtt.client_id or f"vcpu-agent-{socket.gethostname()}",
         )
@@ -83,9 +84,13 @@ class Service:
             on_event=self._events.put_nowait,
         )
         self._stop = asyncio.Event()
-        self._resamples: list[tuple[float, str]] = []  # heap of (monotonic due, UUID)
-        self._confirming: set[str] = set()  # UUIDs with a confirmation re-sample queued
-        self._resync_samples = 0  # full samples still to mark as resync
+        self.resamples = Resamples(
+            followup=cfg.sampling.event_followup, confirm_after=cfg.sampling.confirm_after
+        )
+        self._skipped: set[str] = set()  # UUIDs of domains whose names fit no topic
+        self._busy = logs.LastingFault(log, "sample.skipped")
+        self._stalled = logs.LastingFault(log, "sample.stalled")
+        self._failed = logs.LastingFault(log, "sample.failed")
         self._ready = False
         self.samples = 0
 
@@ -108,6 +113,7 @@ class Service:
             "agent.starting",
             version=__version__,
             host=self.topics.host,
+            epoch=self.outbox.epoch,
             uri=self.cfg.libvirt.uri,
             broker=f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}",
             interval=self.cfg.sampling.interval,
@@ -132,8 +138,7 @@ class Service:
             mqtt_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await mqtt_task
-            if self.spool is not None:
-                self.spool.close()  # what the broker did not acknowledge stays in it
+            self.outbox.close()  # what the broker did not acknowledge stays in a spool
             stop.cancel()
             for sig in signals:
                 loop.remove_signal_handler(sig)
@@ -152,19 +157,12 @@ class Service:
                 if next_tick < time.monotonic():  # fell behind: do not burst to catch up
                     next_tick = time.monotonic() + interval
                 continue
-            due: set[str] = set()
-            while self._resamples and self._resamples[0][0] <= now:
-                due.add(heapq.heappop(self._resamples)[1])
-            self._confirming -= due
-            if due and self.source.stalled:
-                # Only the spare worker thread is left: keep it for the bulk sample,
-                # which covers these domains too (a per-domain call was seen to
-                # block behind a frozen QEMU's monitor where the bulk call did not).
-                log.debug("sample.deferred", domains=len(due))
-            elif due:
+            due = self.resamples.take(now, stalled=self.source.stalled)
+            if due:
                 await self._sample_some(due)
                 continue
-            wake = min(next_tick, self._resamples[0][0]) if self._resamples else next_tick
+            resample_at = self.resamples.next_at()
+            wake = next_tick if resample_at is None else min(next_tick, resample_at)
             try:
                 async with asyncio.timeout(max(0.0, wake - now)):
                     event = await self._events.get()
@@ -198,7 +196,6 @@ class Service:
         # Counters from before the outage are not a baseline for ratios: take a fresh
         # one, and mark what the next decisions find as observed after a resync.
         self.host = rebaseline(self.host)
-        self._resync_samples = 2
         log.info("libvirt.reconnected", uri=self.cfg.libvirt.uri)
 
     async def _handle(self, event: SourceEvent) -> None:
@@ -209,6 +206,8 @@ class Service:
         self._on_lifecycle(event)
 
     def _on_lifecycle(self, event: LifecycleEvent) -> None:
+        if not self._fits(event.uuid, event.name):
+            return
         log.info(
             "domain.lifecycle",
             domain=event.name,
@@ -216,14 +215,8 @@ class Service:
             lifecycle=event.event,
             detail=event.detail,
         )
-        self.publisher.publish_event(self.renderer.lifecycle(event))
-        now = time.monotonic()
-        heapq.heappush(self._resamples, (now, event.uuid))
-        # A second look once counters have moved: the first re-sample after a start
-        # or resume can only take a baseline.
-        followup = self.cfg.sampling.event_followup
-        if followup > 0:
-            heapq.heappush(self._resamples, (now + followup, event.uuid))
+        self.publisher.publish(*self.renderer.lifecycle(event))
+        self.resamples.lifecycle(event.uuid, time.monotonic())
 
     # -- samples ---------------------------------------------------------------------
 
@@ -231,46 +224,58 @@ class Service:
         try:
             records = await self.source.sample()
         except SourceBusyError as err:
-            log.warning("sample.skipped", reason=str(err))
+            self._busy.hit(reason=str(err))
             return
         except SourceTimeoutError as err:
             # Most likely one domain's QEMU monitor hangs: the next NOWAIT sample
             # (on the spare worker thread) skips its job and sees everyone else.
-            log.warning("sample.stalled", reason=str(err))
+            self._stalled.hit(reason=str(err))
             return
         except SourceError as err:
-            log.warning("sample.failed", reason=str(err))
+            self._failed.hit(reason=str(err))
             if not await self.source.alive():
                 await self._reconnect(str(err))
             return
-        resync = self._resync_samples > 0
-        self._resync_samples = max(0, self._resync_samples - 1)
-        self._apply(records, complete=True, resync=resync)
+        for fault in (self._busy, self._stalled, self._failed):
+            fault.clear()
+        self._apply(records, complete=True)
         self.samples += 1
         self._after_sample()
 
-    async def _sample_some(self, uuids: Iterable[str]) -> None:
+    async def _sample_some(self, uuids: set[str]) -> None:
         try:
             records, gone = await self.source.sample_domains(uuids)
         except SourceError as err:
-            log.warning("sample.failed", reason=str(err), domains=sorted(uuids))
+            self._failed.hit(reason=str(err), domains=len(uuids))
             return
-        self._apply(records, complete=False, resync=False)
+        self._apply(records, complete=False)
         for uuid in gone:
             self.host, changes = retire(self.host, uuid)
             self._publish(changes)
 
-    def _apply(self, records: list[DomainRecord], *, complete: bool, resync: bool) -> None:
-        self.host, changes = advance(self.host, records, self.th, complete=complete, resync=resync)
+    def _apply(self, records: list[DomainRecord], *, complete: bool) -> None:
+        records = [r for r in records if self._fits(r.uuid, r.name)]
+        self.host, changes = advance(self.host, records, self.th, complete=complete)
         self._publish(changes)
-        # A vCPU whose share moved toward the other state without deciding it: look
-        # again soon instead of a whole interval later (docs/design.md, "Latency").
-        confirm = self.cfg.sampling.confirm_after
-        if confirm > 0 and self.host.suspects:
-            due = time.monotonic() + confirm
-            for uuid in self.host.suspects - self._confirming:
-                self._confirming.add(uuid)
-                heapq.heappush(self._resamples, (due, uuid))
+        if self.host.suspects:
+            self.resamples.suspects(self.host.suspects, time.monotonic())
+
+    def _fits(self, uuid: str, name: str) -> bool:
+        """Whether a domain's name fits in a topic; one that does not is skipped,
+        logged once, and never stops the agent (docs/topics.md, "Names")."""
+        if self.topics.fits(name):
+            self._skipped.discard(uuid)
+            return True
+        if uuid not in self._skipped:
+            self._skipped.add(uuid)
+            log.error(
+                "domain.skipped",
+                uuid=uuid,
+                name=name[:80],
+                name_bytes=len(name.encode()),
+                reason="its name does not fit in an MQTT topic",
+            )
+        return False
 
     def _publish(self, changes: list[Change]) -> None:
         for change in changes:
@@ -285,11 +290,8 @@ class Service:
                     ratio=change.after.ratio,
                     resync=change.resync,
                 )
-            route, message = self.renderer.change(change)
-            if route == "event":
-                self.publisher.publish_event(message)
-            else:
-                self.publisher.publish_state(message)
+            for out in self.renderer.change(change):
+                self.publisher.publish(*out)
 
     def _after_sample(self) -> None:
         self.notifier.watchdog()
@@ -308,17 +310,24 @@ class Service:
 
 
 def _open_outbox(cfg: Config) -> Outbox:
-    """The durable spool of ``[spool]``, or memory when it is off or unusable."""
+    """The durable spool of ``[spool]``, or memory when ``path`` is empty.
+
+    A spool that cannot be used raises ``SpoolError``: refusing to start is better
+    than silently losing the guarantees a subscriber relies on (docs/reliability.md).
+    """
     if not cfg.spool.path:
-        return MemoryOutbox(cfg.spool.max_events)
-    try:
-        spool = SqliteSpool(cfg.spool.path, cfg.spool.max_events, synchronous=cfg.spool.synchronous)
-    except SpoolError as err:
-        # Running without durability beats not running: events still survive broker
-        # outages in memory. Loud, because an agent restart would now lose them.
-        log.error(  # noqa: TRY400 - the reason says it all; a traceback would not help
-            "spool.unavailable", path=cfg.spool.path, reason=str(err), fallback="memory"
+        log.warning(
+            "spool.memory_only",
+            max_events=cfg.spool.max_events,
+            note="events survive broker outages, not agent restarts",
         )
         return MemoryOutbox(cfg.spool.max_events)
-    log.info("spool.opened", path=cfg.spool.path, backlog=len(spool), dropped=spool.dropped)
+    spool = SqliteSpool(cfg.spool.path, cfg.spool.max_events, synchronous=cfg.spool.synchronous)
+    log.info(
+        "spool.opened",
+        path=cfg.spool.path,
+        epoch=spool.epoch,
+        backlog=len(spool),
+        dropped=spool.dropped,
+    )
     return spool

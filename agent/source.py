@@ -268,10 +268,12 @@ class LibvirtSource:
     async def sample(self) -> list[DomainRecord]:
         """One bulk sample of every domain."""
         conn = self._require()
-        return await self._call(
-            "getAllDomainStats",
-            lambda: self._records(conn, conn.getAllDomainStats(STATS, STATS_FLAGS)),
-        )
+
+        def _sample() -> list[DomainRecord]:
+            started = time.monotonic()
+            return self._records(conn, conn.getAllDomainStats(STATS, STATS_FLAGS), started)
+
+        return await self._call("getAllDomainStats", _sample)
 
     async def sample_domains(self, uuids: Iterable[str]) -> tuple[list[DomainRecord], set[str]]:
         """Re-sample some domains; also return the UUIDs that no longer exist."""
@@ -289,8 +291,9 @@ class LibvirtSource:
                     gone.add(uuid)
             if not doms:
                 return [], gone
+            started = time.monotonic()
             stats = conn.domainListGetStats(doms, STATS, STATS_FLAGS)
-            found = self._records(conn, stats)
+            found = self._records(conn, stats, started)
             gone |= set(wanted) - gone - {r.uuid for r in found}
             return found, gone
 
@@ -302,13 +305,22 @@ class LibvirtSource:
         return self._conn
 
     def _records(
-        self, conn: libvirt.virConnect, stats: list[tuple[libvirt.virDomain, dict[str, Any]]]
+        self,
+        conn: libvirt.virConnect,
+        stats: list[tuple[libvirt.virDomain, dict[str, Any]]],
+        started: float,
     ) -> list[DomainRecord]:
         t_mono, t_wall = time.monotonic(), time.time()
+        took = t_mono - started
         records = []
         for dom, values in stats:
             record = domain_record(
-                name=dom.name(), uuid=dom.UUIDString(), stats=values, t_mono=t_mono, t_wall=t_wall
+                name=dom.name(),
+                uuid=dom.UUIDString(),
+                stats=values,
+                t_mono=t_mono,
+                t_wall=t_wall,
+                took=took,
             )
             if record.state.vcpus_active and record.vcpu_current is not None:
                 self._vcpu_group = True
@@ -335,4 +347,5 @@ class LibvirtSource:
             maximum=maximum,
             t_mono=record.t_mono,
             t_wall=record.t_wall,
+            took=record.took,
         )

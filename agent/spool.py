@@ -1,72 +1,103 @@
-"""A durable ``Outbox``: QoS 1 events in SQLite until the broker acknowledges them.
+"""The durable ``Outbox``: the queue and the chain in one SQLite file.
 
-Events are written (committed) before they are handed to the broker and deleted
-on PUBACK, so an agent restart, even a SIGKILL, during a broker outage loses
-nothing that was committed. The same database keeps:
+The queue lives in memory (``delivery.Queue``) and is mirrored to the file by a
+write-behind journal: ``put``/``ack``/``drop`` change the queue at once and note
+the change; ``flush`` (called by the publisher before it hands entries to the
+broker) writes every noted change, and the chain records that came with them,
+in one transaction. So what reaches the broker was on disk first, and a chain
+record is never on disk without the message that told it.
 
-- the ``Sequencer`` counters (table ``seqs``), written in the *same transaction*
-  as the events that used them, so after a restart seq numbers continue where the
-  spooled events left off and a subscriber can still spot gaps and duplicates;
-- the overflow ledger (table ``meta``): how many events were dropped for lack of
-  room over the spool's life, and how many of those a ``gap`` marker has already
-  announced, so a gap is announced once even across restarts.
+Tables: ``entries`` (the queue), ``chain`` (per vCPU the state subscribers were
+told and its seq; per domain the lifecycle seq, ``vcpu = -1``) and ``meta``
+(``epoch``, ``dropped``, ``gap_reported``). ``PRAGMA user_version`` names the
+format.
 
-Batching: ``put``/``ack``/``save_seq`` only append to in-memory buffers; one
-transaction writes them at the end of the current loop iteration (``call_soon``),
-or at once when ``pending`` is called, so everything ``pending`` returns is
-already committed. One transaction per loop iteration instead of one per event
-is what keeps throughput above 20,000 events/s (``bench/spool.py``).
+Faults (docs/reliability.md, "Spool"):
+- at start, a spool held by another agent, or one that cannot be opened or
+  written, raises ``SpoolError``: the agent refuses to start (exit 73) rather than
+  silently change its delivery guarantees;
+- a corrupt file, or one of another format, is moved aside (kept for inspection)
+  and a fresh spool starts in a new epoch;
+- a write that fails while running (a full disk) keeps every change in memory
+  (the queue is bounded by ``capacity`` either way), is retried with backoff, and
+  is logged as one lasting fault: delivery goes on from memory.
 
-Durability: WAL with ``synchronous=NORMAL``: a commit survives a crash or SIGKILL
-of the agent (the WAL is in the kernel's page cache); a power cut may lose the
-last commits before a checkpoint but never corrupts the file. ``FULL`` (an fsync
-per commit) is available as ``synchronous="full"`` and costs what
-``bench/spool.py`` shows; docs/reliability.md has the figures and the reasoning.
+Durability: WAL with ``synchronous=NORMAL`` survives a crash or SIGKILL of the
+agent; ``FULL`` (an fsync per commit) also a power cut (docs/reliability.md).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import sqlite3
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 from agent import logs
-from agent.outbox import Message
-from agent.render import SeqKey
+from agent.delivery import ChainUpdate, Message, Queue, SeqKey, Told, new_epoch
 
 log = logs.get("agent.spool")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (
+FORMAT = 2  # PRAGMA user_version of the file layout below
+_TABLES = """
+CREATE TABLE entries (
     id      INTEGER PRIMARY KEY,
     topic   TEXT    NOT NULL,
     payload BLOB    NOT NULL,
     qos     INTEGER NOT NULL,
     retain  INTEGER NOT NULL
 );
-CREATE TABLE IF NOT EXISTS seqs (
+CREATE TABLE chain (
     uuid  TEXT    NOT NULL,
     vcpu  INTEGER NOT NULL,  -- -1: the domain's lifecycle counter
-    value INTEGER NOT NULL,
+    seq   INTEGER NOT NULL,
+    state TEXT,
+    since REAL    NOT NULL,
     PRIMARY KEY (uuid, vcpu)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS meta (
+CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
+    value
 ) WITHOUT ROWID;
 """
-_DOMAIN = -1  # the ``vcpu`` column of a domain (lifecycle) counter
+_DOMAIN = -1  # the ``vcpu`` column of a domain's lifecycle counter
+# sqlite3 primary result codes that mean "this file is not a sound database".
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+RETRY_MIN, RETRY_MAX = 1.0, 30.0  # seconds between write attempts after a failure
 
 
 class SpoolError(Exception):
-    """The spool database cannot be opened or written."""
+    """The spool cannot be used: held by another agent, or not openable/writable."""
+
+
+class _CorruptError(Exception):
+    """The file is not a sound spool of our format (moved aside, then recreated)."""
+
+
+def _is_corrupt(err: sqlite3.Error) -> bool:
+    code = getattr(err, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+
+
+def _unsound(db: sqlite3.Connection) -> str | None:
+    """Why an opened file is not a usable spool of our format (None: it is; a new,
+    empty file is given our tables)."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    tables = db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]
+    if version == 0 and tables == 0:
+        db.executescript(f"BEGIN; {_TABLES} PRAGMA user_version = {FORMAT}; COMMIT;")
+        return None
+    if version != FORMAT:
+        return f"spool format {version}, this agent writes {FORMAT}"
+    check = db.execute("PRAGMA quick_check").fetchone()[0]
+    return None if check == "ok" else f"integrity check: {check}"
 
 
 class SqliteSpool:
-    """An ``Outbox`` in one SQLite file; also the ``Sequencer``'s memory."""
+    """An ``agent.delivery.Outbox`` in one SQLite file."""
 
     def __init__(
         self,
@@ -74,186 +105,278 @@ class SqliteSpool:
         capacity: int,
         *,
         synchronous: Literal["normal", "full"] = "normal",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if capacity < 1:
-            raise ValueError("capacity must be at least 1")
         self.path = Path(path)
-        self.capacity = capacity
+        self._clock = clock
+        self._lock = self._take_lock()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # One agent per spool: a second one would resend (and ack) the first
-            # one's events. The lock dies with the process, SIGKILL included.
-            self._lock = self.path.with_name(self.path.name + ".lock").open("a")
             try:
-                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as err:
-                self._lock.close()
-                raise SpoolError(
-                    f"spool {str(self.path)!r} is in use by another vcpu-agent"
-                ) from err
-            # isolation_level=None: we issue BEGIN/COMMIT ourselves, one per batch.
-            self._db = sqlite3.connect(self.path, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
-            self._db.executescript(_SCHEMA)
-            row = self._db.execute("SELECT COUNT(*), COALESCE(MAX(id), 0) FROM events").fetchone()
-        except (OSError, sqlite3.Error) as err:
-            raise SpoolError(f"cannot open spool {str(self.path)!r}: {err}") from err
-        self._count: int = row[0]
-        self._next_id: int = row[1] + 1
-        self._dropped = self._meta("dropped")
-        self._gap_reported = self._meta("gap_reported")
-        self._saved_gap = self._gap_reported
-        self._new: list[tuple[int, Message]] = []
-        self._acks: list[int] = []
-        self._seqs: dict[SeqKey, int] = {}
-        self._flush_scheduled = False
+                self._db = self._open(synchronous)
+            except _CorruptError as why:
+                aside = self._move_aside()
+                log.error(  # noqa: TRY400 - the reason says it all; a traceback would not help
+                    "spool.corrupt", path=str(self.path), reason=str(why), moved_to=aside
+                )
+                self._db = self._open(synchronous)
+        except BaseException:
+            self._lock.close()
+            raise
+        try:
+            self._queue = Queue(capacity)
+            self._chain: dict[SeqKey, Told] = {}
+            self._load()
+            self._probe_write()
+        except BaseException:
+            self._db.close()
+            self._lock.close()
+            raise
+        # The journal: changes made in memory and not yet written.
+        self._puts: dict[int, Message] = {}
+        self._deletes: set[int] = set()
+        self._told: dict[SeqKey, Told] = {}
+        self._meta_dirty = False
+        self._retry_at = 0.0
+        self._retry_delay = RETRY_MIN
+        self._failing = logs.LastingFault(log, "spool.write_failed")
+        self._overflowing = logs.LastingFault(log, "spool.overflow")
         self._closed = False
         self.commits = 0
 
-    # -- the Outbox protocol ------------------------------------------------------
+    # -- opening ----------------------------------------------------------------------
 
-    def put(self, message: Message) -> int:
-        event_id = self._next_id
-        self._next_id += 1
-        self._new.append((event_id, message))
-        self._schedule_flush()
-        return event_id
+    def _take_lock(self) -> IO[str]:
+        # One agent per spool: a second one would resend (and ack) the first one's
+        # entries and number its own seqs in the same epoch. The lock dies with the
+        # process, SIGKILL included.
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            lock = self.path.with_name(self.path.name + ".lock").open("a")
+        except OSError as err:
+            raise SpoolError(f"cannot open spool {str(self.path)!r}: {err}") from err
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            lock.close()
+            raise SpoolError(f"spool {str(self.path)!r} is in use by another vcpu-agent") from err
+        return lock
+
+    def _open(self, synchronous: str) -> sqlite3.Connection:
+        if self.path.exists() and not self.path.is_file():
+            raise SpoolError(f"spool {str(self.path)!r} is not a regular file")
+        try:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, one per flush.
+            db = sqlite3.connect(self.path, isolation_level=None)
+        except sqlite3.Error as err:
+            raise SpoolError(f"cannot open spool {str(self.path)!r}: {err}") from err
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            unsound = _unsound(db)
+        except sqlite3.Error as err:
+            db.close()
+            if _is_corrupt(err):
+                raise _CorruptError(str(err)) from err
+            raise SpoolError(f"cannot open spool {str(self.path)!r}: {err}") from err
+        if unsound is not None:
+            db.close()
+            raise _CorruptError(unsound)
+        return db
+
+    def _move_aside(self) -> str:
+        """Keep a bad spool for inspection: ``<name>.corrupt-<UTC time>`` (+ WAL, SHM)."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                src = self.path.with_name(self.path.name + suffix)
+                if src.exists():
+                    src.rename(aside.with_name(aside.name + suffix))
+        except OSError as err:
+            raise SpoolError(
+                f"spool {str(self.path)!r} is corrupt and cannot be moved aside: {err}"
+            ) from err
+        return str(aside)
+
+    def _load(self) -> None:
+        db = self._db
+        try:
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+            rows = db.execute("SELECT id, topic, payload, qos, retain FROM entries ORDER BY id")
+            for row in rows:
+                self._queue.load(row[0], Message(row[1], bytes(row[2]), row[3], bool(row[4])))
+            for uuid, vcpu, seq, state, since in db.execute(
+                "SELECT uuid, vcpu, seq, state, since FROM chain"
+            ):
+                key: SeqKey = (uuid, None if vcpu == _DOMAIN else vcpu)
+                self._chain[key] = Told(seq, state, since)
+        except sqlite3.Error as err:
+            raise SpoolError(f"cannot read spool {str(self.path)!r}: {err}") from err
+        epoch = meta.get("epoch")
+        self._epoch = epoch if isinstance(epoch, str) and epoch else new_epoch()
+        self._dropped = int(meta.get("dropped") or 0)
+        self._gap_reported = int(meta.get("gap_reported") or 0)
+        # Entries beyond the capacity (it was lowered): drop the oldest now.
+        while len(self._queue.entries) > self._queue.capacity:
+            self._queue.entries.popitem(last=False)
+            self._dropped += 1
+
+    def _probe_write(self) -> None:
+        """Write once at start, so a spool we could never write refuses to start."""
+        try:
+            with self._transaction():
+                self._write_meta()
+        except sqlite3.Error as err:
+            raise SpoolError(f"cannot write spool {str(self.path)!r}: {err}") from err
+
+    # -- the Outbox protocol ------------------------------------------------------------
+
+    @property
+    def epoch(self) -> str:
+        return self._epoch
+
+    def chain(self) -> dict[SeqKey, Told]:
+        return dict(self._chain)
+
+    def put(self, message: Message, told: ChainUpdate | None = None) -> int:
+        done = self._queue.put(message)
+        self._puts[done.entry_id] = message
+        if done.superseded is not None:
+            self._forget(done.superseded)
+        if done.dropped:
+            for entry_id in done.dropped:
+                self._forget(entry_id)
+            self._count_dropped(len(done.dropped))
+        if told is not None:
+            self._chain[told[0]] = told[1]
+            self._told[told[0]] = told[1]
+        return done.entry_id
 
     def pending(self, after: int, limit: int) -> list[tuple[int, Message]]:
-        self.flush()  # whatever we hand out for sending must be on disk first
-        rows = self._db.execute(
-            "SELECT id, topic, payload, qos, retain FROM events WHERE id > ? ORDER BY id LIMIT ?",
-            (after, limit),
-        ).fetchall()
-        return [(r[0], Message(r[1], bytes(r[2]), r[3], bool(r[4]))) for r in rows]
+        return self._queue.pending(after, limit)
 
-    def ack(self, event_id: int) -> None:
-        self._acks.append(event_id)
-        self._schedule_flush()
+    def ack(self, entry_id: int) -> None:
+        if self._queue.ack(entry_id):
+            self._forget(entry_id)
+            if self._overflowing.active and len(self._queue.entries) < self._queue.capacity:
+                self._overflowing.clear(dropped_total=self._dropped)
+
+    def drop(self, entry_id: int) -> None:
+        if self._queue.ack(entry_id):
+            self._forget(entry_id)
+            self._count_dropped(1)
 
     def __len__(self) -> int:
-        self.flush()
-        return self._count
+        return len(self._queue.entries)
 
     @property
     def dropped(self) -> int:
-        """Events dropped for lack of room over the spool file's whole life."""
-        self.flush()
+        """Entries dropped (overflow, or too large for the broker) in this epoch."""
         return self._dropped
-
-    # -- the gap ledger (see agent.mqtt.GapLedger) ----------------------------------
 
     @property
     def gap_reported(self) -> int:
-        """How many of ``dropped`` a gap marker acknowledged by the broker announced."""
         return self._gap_reported
 
     def record_gap_reported(self, total: int) -> None:
-        self._gap_reported = max(self._gap_reported, total)
-        self._schedule_flush()
+        if total > self._gap_reported:
+            self._gap_reported = total
+            self._meta_dirty = True
 
-    # -- sequence numbers -----------------------------------------------------------
+    @property
+    def durable(self) -> bool:
+        """Whether everything queued so far is on disk (False during a write fault)."""
+        return not (self._puts or self._deletes or self._told or self._meta_dirty)
 
-    def load_seqs(self) -> dict[SeqKey, int]:
-        rows = self._db.execute("SELECT uuid, vcpu, value FROM seqs").fetchall()
-        return {(r[0], None if r[1] == _DOMAIN else r[1]): r[2] for r in rows}
-
-    def save_seq(self, key: SeqKey, value: int) -> None:
-        """Remember a counter; written in the same transaction as the event using it."""
-        self._seqs[key] = value
-        self._schedule_flush()
-
-    # -- writing --------------------------------------------------------------------
-
-    def _schedule_flush(self) -> None:
-        if self._flush_scheduled:
-            return
+    def flush(self) -> bool:
+        if self._closed:
+            return False
+        if self.durable:
+            return True
+        now = self._clock()
+        if now < self._retry_at:
+            return False
         try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no loop (tools, tests): write at once
-            self.flush()
-            return
-        self._flush_scheduled = True
-        loop.call_soon(self._scheduled_flush)
-
-    def _scheduled_flush(self) -> None:
-        self._flush_scheduled = False
-        try:
-            self.flush()
-        except SpoolError as err:
-            # Keep the buffers: the next flush retries. Events still reach the broker.
-            log.error(  # noqa: TRY400 - the reason names the cause; no traceback needed
-                "spool.write_failed", path=str(self.path), reason=str(err)
-            )
-
-    def flush(self) -> None:
-        """Write every buffered event, ack and counter in one transaction."""
-        gap_dirty = self._gap_reported != self._saved_gap
-        if self._closed or not (self._new or self._acks or self._seqs or gap_dirty):
-            return
-        new, acks, seqs = self._new, self._acks, self._seqs
-        db = self._db
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            if new:
-                db.executemany(
-                    "INSERT INTO events (id, topic, payload, qos, retain) VALUES (?, ?, ?, ?, ?)",
-                    [(i, m.topic, m.payload, m.qos, int(m.retain)) for i, m in new],
-                )
-            if seqs:
-                db.executemany(
-                    "INSERT INTO seqs (uuid, vcpu, value) VALUES (?, ?, ?) "
-                    "ON CONFLICT (uuid, vcpu) DO UPDATE SET value = excluded.value",
-                    [(u, _DOMAIN if v is None else v, n) for (u, v), n in seqs.items()],
-                )
-            removed = 0
-            if acks:
-                removed = db.executemany(
-                    "DELETE FROM events WHERE id = ?", [(i,) for i in acks]
-                ).rowcount
-            count = self._count + len(new) - removed
-            dropped = self._dropped
-            if count > self.capacity:
-                excess = count - self.capacity
-                db.execute(
-                    "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT ?)",
-                    (excess,),
-                )
-                count -= excess
-                dropped += excess
-            db.executemany(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                [("dropped", dropped), ("gap_reported", self._gap_reported)],
-            )
-            db.execute("COMMIT")
+            with self._transaction():
+                self._write_journal()
         except sqlite3.Error as err:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            raise SpoolError(f"cannot write spool {str(self.path)!r}: {err}") from err
-        if dropped > self._dropped:
-            log.warning(
-                "spool.overflow",
-                dropped=dropped - self._dropped,
-                dropped_total=dropped,
-                capacity=self.capacity,
+            self._retry_at = now + self._retry_delay
+            self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
+            self._failing.hit(
+                path=str(self.path),
+                reason=str(err),
+                unwritten=len(self._puts),
+                retry_in=self._retry_delay,
             )
-        self._new, self._acks, self._seqs = [], [], {}
-        self._count, self._dropped = count, dropped
-        self._saved_gap = self._gap_reported
+            return False
+        self._puts, self._deletes, self._told = {}, set(), {}
+        self._meta_dirty = False
+        self._retry_delay = RETRY_MIN
+        self._failing.clear(path=str(self.path))
         self.commits += 1
+        return True
 
     def close(self) -> None:
-        """Write what is buffered and close the file (a clean stop)."""
+        """Write what is buffered (if the disk lets us) and close the file."""
         if self._closed:
             return
         try:
+            self._retry_at = 0.0
             self.flush()
         finally:
             self._closed = True
             self._db.close()
             self._lock.close()  # releases the flock
 
-    def _meta(self, key: str) -> int:
-        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return int(row[0]) if row else 0
+    # -- the journal ----------------------------------------------------------------------
+
+    def _forget(self, entry_id: int) -> None:
+        """An entry left the queue: unwritten, it never needs writing; else delete it."""
+        if self._puts.pop(entry_id, None) is None:
+            self._deletes.add(entry_id)
+
+    def _count_dropped(self, n: int) -> None:
+        self._dropped += n
+        self._meta_dirty = True
+        self._overflowing.hit(dropped_total=self._dropped, capacity=self._queue.capacity)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            raise
+
+    def _write_journal(self) -> None:
+        db = self._db
+        if self._puts:
+            db.executemany(
+                "INSERT INTO entries (id, topic, payload, qos, retain) VALUES (?, ?, ?, ?, ?)",
+                [(i, m.topic, m.payload, m.qos, int(m.retain)) for i, m in self._puts.items()],
+            )
+        if self._deletes:
+            db.executemany("DELETE FROM entries WHERE id = ?", [(i,) for i in self._deletes])
+        if self._told:
+            db.executemany(
+                "INSERT OR REPLACE INTO chain (uuid, vcpu, seq, state, since) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [
+                    (uuid, _DOMAIN if vcpu is None else vcpu, t.seq, t.state, t.since)
+                    for (uuid, vcpu), t in self._told.items()
+                ],
+            )
+        self._write_meta()
+
+    def _write_meta(self) -> None:
+        self._db.executemany(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+            [
+                ("epoch", self._epoch),
+                ("dropped", self._dropped),
+                ("gap_reported", self._gap_reported),
+            ],
+        )

@@ -92,6 +92,12 @@ class Topics:
         """Overflow markers; two levels like ``status``, so no domain can collide."""
         return f"{self.base}/gap"
 
+    def fits(self, domain: str) -> bool:
+        """Whether every topic of this domain fits MQTT's limit (its longest is a
+        ``transition`` topic; vCPU indices stay below 10^5, records.MAX_VCPUS)."""
+        longest = f"{self.base}/{encode_level(domain)}/vcpu/99999/transition"
+        return len(longest.encode()) <= MAX_TOPIC_BYTES
+
     def domain_state(self, domain: str) -> str:
         return self._checked(f"{self.base}/{encode_level(domain)}/state")
 

@@ -49,7 +49,7 @@ class VcpuTransition:
     at: float  # wall time of the sample that saw it
     changed_at: float  # best estimate of when it happened
     previous_duration: float  # seconds spent in ``before``
-    resync: bool  # seen in the first sample after a reconnect: happened while away
+    resync: bool  # the first decision after continuity was lost: found, not seen
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,14 +102,14 @@ def _vcpu_records(record: DomainRecord, known: Mapping[int, VcpuTrack]) -> Itera
 
 
 def _advance_domain(
-    prev: DomainTrack | None, record: DomainRecord, th: Thresholds, resync: bool
+    prev: DomainTrack | None, record: DomainRecord, th: Thresholds, whole: bool
 ) -> tuple[DomainTrack, list[Change]]:
     changes: list[Change] = []
     known: Mapping[int, VcpuTrack] = prev.vcpus if prev is not None else {}
     vcpus: dict[int, VcpuTrack] = {}
     for vrec in _vcpu_records(record, known):
         before = known.get(vrec.vcpu)
-        track = observe(before, vrec, record, th)
+        track = observe(before, vrec, record, th, whole=whole)
         vcpus[vrec.vcpu] = track
         new = track.view
         if new is None:
@@ -127,7 +127,7 @@ def _advance_domain(
                     at=record.t_wall,
                     changed_at=track.since,
                     previous_duration=max(0.0, track.since - before.since),
-                    resync=resync,
+                    resync=before.gap,
                 )
             )
         changes.append(
@@ -191,11 +191,15 @@ def retire(host: HostState, uuid: str) -> tuple[HostState, list[Change]]:
 def rebaseline(host: HostState) -> HostState:
     """Forget counter baselines (after a reconnect): the next sample takes new ones.
 
-    States are kept, so nothing is reported until a fresh interval decides it.
+    States are kept, so nothing is reported until a fresh interval decides it; the
+    first decision of each vCPU is then marked as a resync (it may hide a change
+    that happened while the agent could not look).
     """
     return HostState(
         domains={
-            uuid: replace(dom, vcpus={n: t._replace(active=False) for n, t in dom.vcpus.items()})
+            uuid: replace(
+                dom, vcpus={n: t._replace(active=False, gap=True) for n, t in dom.vcpus.items()}
+            )
             for uuid, dom in host.domains.items()
         }
     )
@@ -207,9 +211,13 @@ def advance(
     th: Thresholds,
     *,
     complete: bool,
-    resync: bool = False,
 ) -> tuple[HostState, list[Change]]:
-    """Fold a batch of records into the host state; return it with the changes."""
+    """Fold a batch of records into the host state; return it with the changes.
+
+    A *complete* batch is a regular full sample: it retires domains it lacks, and
+    it counts as a whole sample for ``min_samples``/``unknown_after``. A partial
+    batch (a re-sample of some domains) does neither.
+    """
     domains = dict(host.domains)
     changes: list[Change] = []
     seen: set[str] = set()
@@ -222,7 +230,7 @@ def advance(
             _, retired = retire(HostState(domains={record.uuid: prev}), record.uuid)
             changes.extend(retired)
             prev = None
-        domains[record.uuid], domain_changes = _advance_domain(prev, record, th, resync)
+        domains[record.uuid], domain_changes = _advance_domain(prev, record, th, complete)
         changes.extend(domain_changes)
         if any(t.suspect for t in domains[record.uuid].vcpus.values()):
             suspects.add(record.uuid)

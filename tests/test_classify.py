@@ -95,7 +95,7 @@ def test_after_a_resume_counters_take_a_fresh_baseline() -> None:
 
 def test_vcpus_beyond_vcpu_current_are_offline() -> None:
     record = dom(0, current=1, maximum=2, v0_state=1, v0_time=0)
-    ev = evidence(None, record.vcpus[1], record)
+    ev = evidence(None, record.vcpus[1], record, Thresholds())
     assert ev is not None
     assert (ev.state, ev.source) == (VcpuState.OFFLINE, Source.DOMSTATE)
 
