@@ -27,12 +27,14 @@ from hypothesis import strategies as st
 
 from agent.classify import Thresholds
 from agent.delivery import Message
+from agent.model import DomainRecord
 from agent.payloads import Transition, VcpuStatePayload, decode
+from agent.records import domain_record
 from agent.render import Renderer
 from agent.spool import SqliteSpool
 from agent.topics import Topics
 from agent.transitions import HostState, advance, rebaseline
-from tests.builders import dom
+from tests.builders import UUID
 
 VCPUS = 2
 TOPICS = Topics(prefix="p", host="h")
@@ -61,12 +63,13 @@ class Guest:
         for n in range(VCPUS):
             self.busy_ns[n] += 0 if self.halted[n] else 1_000_000_000
 
-    def record(self) -> object:
-        keys = {}
+    def record(self) -> DomainRecord:
+        stats: dict[str, object] = {"state.state": 1, "vcpu.current": VCPUS}
+        stats["vcpu.maximum"] = VCPUS
         for n in range(VCPUS):
-            keys[f"v{n}_state"] = 1
-            keys[f"v{n}_time"] = self.busy_ns[n]
-        return dom(self.t, current=VCPUS, **keys)
+            stats[f"vcpu.{n}.state"] = 1
+            stats[f"vcpu.{n}.time"] = self.busy_ns[n]
+        return domain_record(name="vm", uuid=UUID, stats=stats, t_mono=self.t, t_wall=1e9 + self.t)
 
 
 @dataclass
@@ -112,8 +115,8 @@ class Agent:
         self.spool.close()
         self._open()
 
-    def sample(self, record: object) -> None:
-        self.host, changes = advance(self.host, [record], self.th, complete=True)  # type: ignore[list-item]
+    def sample(self, record: DomainRecord) -> None:
+        self.host, changes = advance(self.host, [record], self.th, complete=True)
         for change in changes:
             for out in self.renderer.change(change):
                 self.spool.put(*out)
