@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from agent.classify import Thresholds, evidence, observe
@@ -73,6 +75,61 @@ def test_min_samples_debounces_a_single_odd_sample() -> None:
         VcpuState.RUNNING,
         VcpuState.HALTED,
     ]
+
+
+def test_a_confirmation_resample_never_counts_toward_min_samples() -> None:
+    th = Thresholds(min_samples=2)
+    track = None
+    for record in [busy(0, 0), busy(1, 1), busy(2, 1)]:  # halted for one whole sample
+        track = observe(track, record.vcpus[0], record, th)
+    assert track is not None
+    assert track.view is not None
+    assert track.view.state is VcpuState.RUNNING
+    resample = busy(2.1, 1)  # 0.1 s later, still halted: not a second whole sample
+    track = observe(track, resample.vcpus[0], resample, th, whole=False)
+    assert track.view is not None
+    assert track.view.state is VcpuState.RUNNING
+    record = busy(3, 1)  # the second whole sample decides it
+    track = observe(track, record.vcpus[0], record, th)
+    assert track.view is not None
+    assert track.view.state is VcpuState.HALTED
+
+
+def test_confirmation_resamples_never_count_toward_unknown_after() -> None:
+    th = Thresholds(unknown_after=3)
+    track = None
+    for t in (0, 1):
+        record = dom(t, v0_state=1, v0_time=int(t * 1e9), v0_hw=0)
+        track = observe(track, record.vcpus[0], record, th)
+    # The KVM keys vanish (a frozen QEMU): a bulk sample, then re-samples 0.1 s apart.
+    for t, whole in [(2.0, True), (2.1, False), (2.2, False), (2.3, False), (2.4, False)]:
+        record = dom(t, v0_state=1, v0_time=int(t * 1e9))
+        track = observe(track, record.vcpus[0], record, th, whole=whole)
+        assert track.view is not None
+        assert track.view.state is VcpuState.RUNNING, f"unknown after {t - 2.0:.1f} s"
+    for t in (3.0, 4.0):  # whole samples 2 and 3
+        record = dom(t, v0_state=1, v0_time=int(t * 1e9))
+        track = observe(track, record.vcpus[0], record, th)
+    assert track.view is not None
+    assert track.view.state is VcpuState.UNKNOWN
+
+
+def test_a_bulk_call_that_took_most_of_the_interval_only_takes_a_baseline() -> None:
+    # Busy all along, but the call that read the second record took 0.6 s of the
+    # 1 s interval: its counters may have been read at its start, so the delta
+    # (0.4 s of CPU over "1 s") would look 60 % halted. It must not decide.
+    th = Thresholds(halted_enter=0.5, halted_leave=0.3)
+    track = None
+    for record in (busy(0, 0), busy(1, 1)):
+        track = observe(track, record.vcpus[0], record, th)
+    assert track is not None
+    assert track.view is not None
+    assert track.view.state is VcpuState.RUNNING
+    late = replace(dom(2, v0_state=1, v0_time=int(1.4e9)), took=0.6)
+    track = observe(track, late.vcpus[0], late, th)
+    assert track.view is not None
+    assert track.view.state is VcpuState.RUNNING
+    assert track.record.time_ns == int(1.4e9)  # the new baseline
 
 
 def test_a_paused_domain_makes_every_vcpu_na_at_once() -> None:

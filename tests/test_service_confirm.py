@@ -18,16 +18,15 @@ def test_a_suspect_domain_gets_a_second_look_after_confirm_after(
 ) -> None:
     cfg = parse({"sampling": {"confirm_after": confirm_after}, "spool": {"path": ""}})
 
-    async def scenario() -> list[tuple[float, str]]:
+    async def scenario() -> set[str]:
         service = Service(cfg)
         try:
             for record in [busy(0, 0), busy(1, 1), busy(2, 2)]:
-                service._apply([record], complete=True, resync=False)
-            assert service._resamples == []  # steady: nothing to confirm
-            service._apply([busy(3, 2.6)], complete=True, resync=False)  # 40 % halted
-            return list(service._resamples)
+                service._apply([record], complete=True)
+            assert service.resamples.next_at() is None  # steady: nothing to confirm
+            service._apply([busy(3, 2.6)], complete=True)  # 40 % halted
+            return service.resamples.take(float("inf"))
         finally:
             service.source.shutdown()
 
-    resamples = asyncio.run(scenario())
-    assert [uuid for _, uuid in resamples] == ([UUID] if queued else [])
+    assert asyncio.run(scenario()) == ({UUID} if queued else set())
