@@ -10,10 +10,14 @@ not worth restarting for.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
+import re
 import socket
+import stat
 import tomllib
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +27,20 @@ from agent.classify import Thresholds
 
 DEFAULT_PATH = Path("/etc/vcpu-agent/config.toml")
 EX_CONFIG = 78
+
+# MQTT strings (topics, client id, username) and binary data (the password) are at
+# most 65535 bytes: a two-byte length prefix (MQTT 5 sections 1.5.4 and 1.5.6).
+# paho does not check: a longer one fails in struct.pack and the agent crashed.
+MQTT_MAX_BYTES = 65535
+# A topic is prefix/host/domain/vcpu/N/transition, and must fit in 65535 bytes.
+# Prefix and host id are short identifiers; capping both at 256 bytes (the host id
+# is encoded, so at most 768 bytes in a topic) leaves over 64,000 bytes for the
+# encoded domain name, so no real domain name can be pushed out of its topic by
+# the configuration. The host id's cap is on its UTF-8 form, before encoding.
+MAX_PREFIX_BYTES = 256
+MAX_HOST_ID_BYTES = 256
+# A config file is a few kilobytes; anything larger is the wrong file.
+MAX_CONFIG_BYTES = 1 << 20
 
 
 class ConfigError(Exception):
@@ -70,18 +88,101 @@ def _boolean(v: Any) -> str | None:
     return None if isinstance(v, bool) else f"expected true or false, got {_type_name(v)}"
 
 
-def _text(*, empty: bool = True, forbid: str = "") -> Check:
+def _mqtt_unsafe(c: str) -> bool:
+    """Characters an MQTT string should not hold (MQTT 5 section 1.5.4: controls
+    U+0001-U+001F and U+007F-U+009F, and Unicode noncharacters). mosquitto 2 closes
+    the connection without a CONNACK on any of them in a topic, client id or
+    username (measured: docs/reliability.md, "Bad input"), so the agent would retry
+    forever."""
+    o = ord(c)
+    return (
+        o < 0x20
+        or 0x7F <= o <= 0x9F
+        or 0xFDD0 <= o <= 0xFDEF
+        or (o & 0xFFFE) == 0xFFFE
+        or unicodedata.category(c) == "Cs"
+    )
+
+
+def _text(*, empty: bool = True, forbid: str = "", max_bytes: int | None = None) -> Check:
     def check(v: Any) -> str | None:
         if not isinstance(v, str):
             return f"expected a string, got {_type_name(v)}"
         if not empty and not v:
             return "must not be empty"
-        bad = sorted({c for c in v if c in forbid or ord(c) < 32})
+        bad = sorted({c for c in v if c in forbid or _mqtt_unsafe(c)})
         if bad:
-            return f"must not contain {', '.join(repr(c) for c in bad)}"
+            shown = ", ".join(repr(c) for c in bad[:5]) + (", ..." if len(bad) > 5 else "")
+            return f"must not contain {shown}"
+        size = len(v.encode("utf-8", "surrogatepass"))
+        if max_bytes is not None and size > max_bytes:
+            return f"must be at most {max_bytes} bytes in UTF-8, got {size}"
         return None
 
     return check
+
+
+def _topic_prefix(v: Any) -> str | None:
+    error = _text(empty=False, forbid="+#", max_bytes=MAX_PREFIX_BYTES)(v)
+    if error:
+        return error
+    if v.startswith("$"):
+        # Brokers reserve topics starting with $ ($SYS): clients cannot subscribe
+        # to them with # and mosquitto refuses publications to them.
+        return f"must not start with '$' (reserved by brokers, as in $SYS), got {v!r}"
+    if "" in v.split("/"):
+        return f"must not have an empty topic level (a leading or trailing '/', or '//'), got {v!r}"
+    return None
+
+
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?")
+
+
+def _broker_host(v: Any) -> str | None:
+    """An IPv4/IPv6 literal, or a DNS name in ASCII (RFC 1035 lengths).
+
+    Non-ASCII is refused rather than converted: Python's ``idna`` codec (which
+    getaddrinfo would use) implements IDNA 2003 and maps 'ß' to 'ss', so it may
+    resolve a different name than IDNA 2008 (xn--strae-oqa); and it raised
+    UnicodeError for an empty or over-long label, which crashed ``run``.
+    """
+    error = _text(empty=False)(v)
+    if error:
+        return error
+    if ":" in v:
+        try:
+            ipaddress.IPv6Address(v)
+        except ValueError:
+            return f"expected a host name or an IP address (IPv6 without brackets), got {v!r}"
+        return None
+    if not v.isascii():
+        return f"must be ASCII (an internationalised name in its IDNA form, xn--...), got {v!r}"
+    name = v.removesuffix(".")  # a fully qualified name may end with a dot
+    if len(name) > 253:
+        return f"a host name is at most 253 characters, got {len(name)}"
+    for label in name.split("."):
+        if not label:
+            return f"a host name must not have an empty label ('..' or a leading '.'), got {v!r}"
+        if len(label) > 63:
+            return f"a host name label is at most 63 characters, got one of {len(label)}"
+        if not _HOST_LABEL.fullmatch(label):
+            return f"expected a host name (letters, digits, '-', '_', '.') or an IP, got {v!r}"
+    return None
+
+
+def _qos(v: Any) -> str | None:
+    if v == 2 and isinstance(v, int) and not isinstance(v, bool):
+        # paho-mqtt 2.x ignores the reason code of a PUBREC (Client._handle_pubrec:
+        # "TODO: by ignoring reason code & properties ...") and completes the flow
+        # with PUBREL/PUBCOMP even when the broker refused the message (mosquitto
+        # answers "quota exceeded" under max_inflight_messages), so a lost event
+        # would be counted as delivered. QoS 2 cannot be made honest through paho.
+        return (
+            "QoS 2 is not supported: paho-mqtt ignores a refusal in PUBREC "
+            "(paho.mqtt.client.Client._handle_pubrec) and would report a refused "
+            "event as delivered; use 1 (with seq to drop duplicates) or 0"
+        )
+    return _integer(0, 1)(v)
 
 
 def _choice(*options: str) -> Check:
@@ -91,6 +192,17 @@ def _choice(*options: str) -> Check:
         return f"expected one of {', '.join(repr(o) for o in options)}, got {_type_name(v)}"
 
     return check
+
+
+def _password_file(v: Any) -> str | None:
+    error = _readable_file(optional=True)(v)
+    if error or not v:
+        return error
+    try:
+        read_password_file(v)
+    except PasswordError as err:
+        return str(err)
+    return None
 
 
 def _readable_file(*, optional: bool) -> Check:
@@ -108,7 +220,7 @@ def _readable_file(*, optional: bool) -> Check:
 
 @dataclass(frozen=True, slots=True)
 class AgentSection:
-    host_id: str = _setting("", _text(forbid="/+#"))
+    host_id: str = _setting("", _text(forbid="/+#", max_bytes=MAX_HOST_ID_BYTES))
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,15 +255,15 @@ class SamplingSection:
 
 @dataclass(frozen=True, slots=True)
 class MqttSection:
-    host: str = _setting("localhost", _text(empty=False))
+    host: str = _setting("localhost", _broker_host)
     port: int = _setting(1883, _integer(1, 65535))
-    topic_prefix: str = _setting("vcpu", _text(empty=False, forbid="+#"))
-    client_id: str = _setting("", _text())
+    topic_prefix: str = _setting("vcpu", _topic_prefix)
+    client_id: str = _setting("", _text(max_bytes=MQTT_MAX_BYTES))
     protocol: str = _setting("5", _choice("5", "3.1.1"))
     keepalive: int = _setting(30, _integer(5, 65535))
-    qos: int = _setting(1, _integer(0, 2))
-    username: str = _setting("", _text())
-    password_file: str = _setting("", _readable_file(optional=True))
+    qos: int = _setting(1, _qos)
+    username: str = _setting("", _text(max_bytes=MQTT_MAX_BYTES))
+    password_file: str = _setting("", _password_file)
     tls: bool = _setting(False, _boolean)
     ca_file: str = _setting("", _readable_file(optional=True))
     cert_file: str = _setting("", _readable_file(optional=True))
@@ -254,12 +366,57 @@ def parse(document: Mapping[str, Any], source: str = "<config>") -> Config:
     return cfg
 
 
+def _read_regular(path: Path | str, limit: int) -> bytes:
+    """A regular file's bytes, at most ``limit``; never blocks on a FIFO or device.
+
+    Raises OSError (errno set by the kernel) or ValueError (with the reason).
+    """
+    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = (
+                "a directory"
+                if stat.S_ISDIR(mode)
+                else "a FIFO"
+                if stat.S_ISFIFO(mode)
+                else "a device"
+                if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "a socket"
+                if stat.S_ISSOCK(mode)
+                else "not a regular file"
+            )
+            raise ValueError(f"is {kind}, not a regular file")
+        chunks = []
+        size = 0
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            raise ValueError(f"is larger than {limit} bytes")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def load(path: Path) -> Config:
     """Read and validate a config file."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
+        data = _read_regular(path, MAX_CONFIG_BYTES)
+    except OSError as err:
+        raise ConfigError(str(path), [f"cannot read: {err.strerror or err}"]) from err
+    except ValueError as err:
         raise ConfigError(str(path), [f"cannot read: {err}"]) from err
+    try:
+        # As Path.read_text: universal newlines (TOML allows \r\n; a lone \r is
+        # then a newline too, as before).
+        text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError as err:
+        raise ConfigError(str(path), [f"cannot read: not UTF-8 text ({err})"]) from err
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
@@ -267,8 +424,47 @@ def load(path: Path) -> Config:
     return parse(document, str(path))
 
 
+class PasswordError(OSError):
+    """The password file cannot be used; the message says why (never the password).
+
+    An OSError, so that a file that goes bad while the agent runs is handled like
+    any other failed connection attempt: logged with this reason, retried with
+    backoff (agent/mqtt.py catches OSError around the connect).
+    """
+
+
+def read_password_file(path: str) -> str:
+    """The password in ``path``: UTF-8, trailing newline stripped, not empty, at
+    most 65535 bytes (MQTT's limit). Raises PasswordError saying what is wrong."""
+    try:
+        data = _read_regular(path, MAX_CONFIG_BYTES)
+    except OSError as err:
+        raise PasswordError(f"cannot read password file {path!r}: {err.strerror or err}") from err
+    except ValueError as err:
+        raise PasswordError(f"password file {path!r} {err}") from err
+    try:
+        password = data.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as err:
+        raise PasswordError(f"password file {path!r} is not UTF-8 text (byte {err.start})") from err
+    size = len(password.encode())
+    if not password:
+        raise PasswordError(
+            f"password file {path!r} is empty (for a username without a password, "
+            "leave mqtt.password_file empty)"
+        )
+    if size > MQTT_MAX_BYTES:
+        raise PasswordError(
+            f"password file {path!r} holds {size} bytes; MQTT allows at most {MQTT_MAX_BYTES}"
+        )
+    return password
+
+
 def read_password(cfg: MqttSection) -> str | None:
-    """The broker password, from its file; trailing newline stripped. Never logged."""
+    """The broker password, from its file; trailing newline stripped. Never logged.
+
+    Raises PasswordError (an OSError) with the reason when the file went bad since
+    the config was checked.
+    """
     if not cfg.password_file:
         return None
-    return Path(cfg.password_file).read_text(encoding="utf-8").rstrip("\r\n")
+    return read_password_file(cfg.password_file)
