@@ -98,7 +98,7 @@ def test_a_confirmation_resample_never_counts_toward_min_samples() -> None:
 def test_confirmation_resamples_never_count_toward_unknown_after() -> None:
     th = Thresholds(unknown_after=3)
     track = None
-    for t in (0, 1):
+    for t in (0.0, 1.0):
         record = dom(t, v0_state=1, v0_time=int(t * 1e9), v0_hw=0)
         track = observe(track, record.vcpus[0], record, th)
     # The KVM keys vanish (a frozen QEMU): a bulk sample, then re-samples 0.1 s apart.
@@ -110,6 +110,7 @@ def test_confirmation_resamples_never_count_toward_unknown_after() -> None:
     for t in (3.0, 4.0):  # whole samples 2 and 3
         record = dom(t, v0_state=1, v0_time=int(t * 1e9))
         track = observe(track, record.vcpus[0], record, th)
+    assert track is not None
     assert track.view is not None
     assert track.view.state is VcpuState.UNKNOWN
 
