@@ -1,0 +1,415 @@
+"""Subscribe to what vcpu-agents publish: typed events, chains checked, sync or asyncio.
+
+```python
+with Subscriber(cfg.mqtt, client_id="vcpu-billing-1") as sub:
+    for event in sub:          # Transition, VcpuStatePayload, SeqGap, EpochChanged, ...
+        ...
+```
+
+docs/subscribers.md is the guide. What it does:
+
+- connects with the agent's ``[mqtt]`` settings (TLS, password file, MQTT 5 or
+  3.1.1) under its own client id (an agent's id is refused: two clients with one
+  id take each other's session);
+- subscribes to a ``Selection`` (hosts, domains, vCPUs) and starts from the
+  retained tree, so every vCPU's state is known before its first transition;
+- reads every message with ``agent.inbox.read`` (bad input becomes a counted,
+  logged ``BadMessage``, never an exception) and runs it through
+  ``agent.chain.ChainTracker`` (duplicates dropped; gaps, broken chains and epoch
+  changes reported as events);
+- *durable* mode: a persistent session (MQTT 5 session expiry, or 3.1.1
+  ``clean_session=False``), so QoS 1 transitions published while the subscriber
+  was away are delivered when it returns, and manual acks: a transition is
+  acknowledged to the broker only after ``commit`` wrote it to the ``Ledger`` and
+  the ledger committed. Until then the broker keeps it and redelivers it after a
+  crash; the ledger turns the redelivery into a dropped duplicate.
+
+Concurrency: paho's network thread (``loop_start``) only enqueues raw messages.
+Decoding, chain tracking, the ledger and acks run on the consumer: the thread
+that iterates, or the asyncio loop running ``aevents()``. paho's ``ack`` and
+``subscribe`` only queue packets under paho's own lock, so calling them from the
+consumer is safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import queue
+import socket
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from agent import logs
+from agent.chain import BadMessage, ChainTracker, Event
+from agent.config import MqttSection, read_password
+from agent.inbox import MAX_BYTES, read
+from agent.ledger import Key, Ledger, Status, key_of
+from agent.payloads import Payload, Transition
+from agent.topics import encode_level
+
+log = logs.get("agent.client")
+
+SESSION_EXPIRY = 7 * 86400  # seconds the broker keeps a durable subscriber's queue
+FLUSH_EVERY = 256  # committed transitions acknowledged in one ledger transaction
+
+
+class ClientError(Exception):
+    """The broker could not be reached, or refused us (``[code:135] Not authorized``)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Selection:
+    """Which hosts, domains and vCPUs to subscribe to (empty: all)."""
+
+    hosts: tuple[str, ...] = ()
+    domains: tuple[str, ...] = ()
+    vcpus: tuple[int, ...] = ()
+
+    def filters(self, prefix: str) -> list[str]:
+        hosts = [encode_level(h) for h in self.hosts] or ["+"]
+        if not self.domains and not self.vcpus:
+            return [f"{prefix}/{h}/#" for h in hosts]
+        domains = [encode_level(d) for d in self.domains] or ["+"]
+        out: list[str] = []
+        for h in hosts:
+            out += [f"{prefix}/{h}/status", f"{prefix}/{h}/gap"]
+            for d in domains:
+                if not self.vcpus:
+                    out.append(f"{prefix}/{h}/{d}/#")
+                    continue
+                out += [f"{prefix}/{h}/{d}/state", f"{prefix}/{h}/{d}/lifecycle"]
+                out += [f"{prefix}/{h}/{d}/vcpu/{n}/+" for n in self.vcpus]
+        return out
+
+
+def default_client_id(role: str, config: Path | None, extra: str = "") -> str:
+    """A stable id per (machine, role, config file, extra): restarts resume the session."""
+    where = str(config.resolve()) if config is not None else ""
+    digest = hashlib.sha256(f"{where}\0{extra}".encode()).hexdigest()[:10]
+    return f"vcpu-{role}-{socket.gethostname()}-{digest}"
+
+
+def check_client_id(mqtt: MqttSection, client_id: str) -> None:
+    agent_id = mqtt.client_id or f"vcpu-agent-{socket.gethostname()}"
+    if not client_id:
+        raise ValueError("a subscriber needs a client id of its own")
+    if client_id == agent_id or client_id.startswith("vcpu-agent-"):
+        raise ValueError(f"client id {client_id!r} is (or looks like) an agent's")
+
+
+@dataclass(frozen=True, slots=True)
+class _Raw:
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+
+
+class Subscriber:
+    """One connection, one consumer. Iterate it (blocking) or ``aevents()`` (asyncio)."""
+
+    def __init__(
+        self,
+        mqtt: MqttSection,
+        *,
+        client_id: str,
+        selection: Selection | None = None,
+        qos: int = 1,
+        ledger: Ledger | None = None,
+        session_expiry: int = SESSION_EXPIRY,
+        share_group: str | None = None,
+        max_bytes: int = MAX_BYTES,
+    ) -> None:
+        check_client_id(mqtt, client_id)
+        self.cfg = mqtt
+        self.client_id = client_id
+        self.prefix = mqtt.topic_prefix
+        self.selection = selection or Selection()
+        self.qos = qos
+        self.ledger = ledger
+        self.durable = ledger is not None
+        self.session_expiry = session_expiry
+        self.max_bytes = max_bytes
+        filters = self.selection.filters(self.prefix)
+        if share_group is not None:
+            filters = [f"$share/{share_group}/{f}" for f in filters]
+        self.filters = filters
+        self.tracker = ChainTracker(ledger.seeds() if ledger is not None else ())
+        self.bad: Counter[str] = Counter()
+        self.received = 0
+        self._bad_log = logs.LastingFault(log, "client.bad_message")
+        self._raw: queue.SimpleQueue[_Raw] = queue.SimpleQueue()
+        self._pending: deque[Event] = deque()
+        self._unacked: dict[Key, list[tuple[int, int]]] = {}
+        self._to_ack: list[tuple[int, int]] = []
+        self._connected = threading.Event()
+        self._subscribed = threading.Event()
+        self._synced = threading.Event()
+        self._filters_mid: int | None = None
+        self._marker_mid: int | None = None
+        self._refused: str | None = None
+        self._wake: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
+        self._client = self._new_client()
+
+    # -- connection ---------------------------------------------------------------------
+
+    def _new_client(self) -> paho.Client:
+        v5 = self.cfg.protocol == "5"
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+            clean_session=None if v5 else not self.durable,
+            manual_ack=self.durable,
+        )
+        client.enable_logger(logs.stdlib("paho"))
+        client.reconnect_delay_set(
+            min_delay=max(1, round(self.cfg.reconnect_min)),
+            max_delay=max(1, round(self.cfg.reconnect_max)),
+        )
+        if self.cfg.username:
+            client.username_pw_set(self.cfg.username, read_password(self.cfg))
+        if self.cfg.tls:
+            client.tls_set(
+                ca_certs=self.cfg.ca_file or None,
+                certfile=self.cfg.cert_file or None,
+                keyfile=self.cfg.key_file or None,
+            )
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        return client
+
+    def connect(self, timeout: float = 10.0) -> Self:
+        """Connect and subscribe; raise ``ClientError`` if that fails within ``timeout``."""
+        v5 = self.cfg.protocol == "5"
+        props = None
+        if v5:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = self.session_expiry if self.durable else 0
+        try:
+            self._client.connect_async(
+                self.cfg.host,
+                self.cfg.port,
+                self.cfg.keepalive,
+                clean_start=not self.durable if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+                properties=props,
+            )
+        except (OSError, ValueError) as err:
+            raise ClientError(f"cannot connect to {self.cfg.host}:{self.cfg.port}: {err}") from err
+        self._client.loop_start()
+        deadline = time.monotonic() + timeout
+        if not self._connected.wait(timeout) or self._refused is not None:
+            reason = self._refused or f"no CONNACK from {self.cfg.host}:{self.cfg.port}"
+            self.close()
+            raise ClientError(reason)
+        # Return subscribed: what is published from now on reaches us.
+        if not self._subscribed.wait(max(0.0, deadline - time.monotonic())):
+            self.close()
+            raise ClientError(f"no SUBACK from {self.cfg.host}:{self.cfg.port}")
+        return self
+
+    def close(self) -> None:
+        """Commit and acknowledge what was committed, then disconnect."""
+        with contextlib.suppress(Exception):
+            self.flush()
+        self._client.disconnect()
+        self._client.loop_stop()
+        if self.ledger is not None:
+            self.ledger.close()
+
+    def __enter__(self) -> Self:
+        return self.connect()
+
+    def __exit__(
+        self, _t: type[BaseException] | None, _e: BaseException | None, _tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def wait_synced(self, timeout: float) -> bool:
+        """Wait until the retained tree present at subscription has arrived.
+
+        The broker sends a subscription's retained messages right after its SUBACK;
+        a second, empty subscription's SUBACK follows them (mosquitto writes a
+        client's packets in order). Exact for QoS 0 subscriptions; with QoS 1 the
+        broker's in-flight window may hold retained messages back behind it.
+        """
+        return self._synced.wait(timeout)
+
+    def _on_connect(
+        self,
+        client: paho.Client,
+        _u: object,
+        flags: paho.ConnectFlags,
+        rc: ReasonCode,
+        _p: object,
+    ) -> None:
+        if rc.is_failure:
+            self._refused = f"broker refused the connection: [code:{rc.value}] {rc}"
+            log.error("client.refused", reason=self._refused)
+            self._connected.set()
+            return
+        log.info(
+            "client.connected",
+            host=self.cfg.host,
+            port=self.cfg.port,
+            client_id=self.client_id,
+            session_present=flags.session_present,
+            durable=self.durable,
+        )
+        if self.cfg.protocol == "5":
+            _, mid = client.subscribe([(f, SubscribeOptions(qos=self.qos)) for f in self.filters])
+        else:
+            _, mid = client.subscribe([(f, self.qos) for f in self.filters])
+        self._filters_mid = mid
+        # '%s' is no encode_level output: this filter matches none of the agents' topics.
+        _, self._marker_mid = client.subscribe(f"{self.prefix}/%sync/{self.client_id}", qos=0)
+        self._connected.set()
+
+    def _on_subscribe(
+        self, client: paho.Client, _u: object, mid: int, codes: list[ReasonCode], _p: object
+    ) -> None:
+        if mid == self._marker_mid:
+            client.unsubscribe(f"{self.prefix}/%sync/{self.client_id}")
+            self._synced.set()
+            return
+        refused = [str(c) for c in codes if c.is_failure]
+        if refused:
+            log.error("client.subscribe_refused", filters=self.filters, reasons=refused)
+        if mid == self._filters_mid:
+            self._subscribed.set()
+
+    def _on_disconnect(
+        self, _c: paho.Client, _u: object, _f: object, rc: ReasonCode, _p: object
+    ) -> None:
+        self._synced.clear()
+        log.warning("client.disconnected", reason=str(rc))
+
+    def _on_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
+        self._raw.put(_Raw(msg.topic, bytes(msg.payload), msg.mid, msg.qos))
+        wake = self._wake
+        if wake is not None:
+            wake[0].call_soon_threadsafe(wake[1].set)
+
+    # -- consuming ----------------------------------------------------------------------
+
+    def get(self, timeout: float | None = None) -> Event | None:
+        """The next event; ``None`` when none came within ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = self._pending
+        while not pending:
+            try:
+                raw = self._raw.get_nowait()
+            except queue.Empty:
+                self.flush()  # about to wait: make what was committed durable and acked
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                try:
+                    raw = self._raw.get(timeout=left)
+                except queue.Empty:
+                    return None
+            self._process(raw)
+        return pending.popleft()
+
+    def __iter__(self) -> Iterator[Event]:
+        while True:
+            event = self.get()
+            if event is not None:
+                yield event
+
+    async def aevents(self) -> AsyncIterator[Event]:
+        """The events, on the running asyncio loop (never blocking it)."""
+        wake = asyncio.Event()
+        self._wake = (asyncio.get_running_loop(), wake)
+        try:
+            while True:
+                event = self.get(0)
+                if event is not None:
+                    yield event
+                    continue
+                wake.clear()
+                if self._raw.empty():
+                    await wake.wait()
+        finally:
+            self._wake = None
+
+    def _process(self, raw: _Raw) -> None:
+        self.received += 1
+        item = read(self.prefix, raw.topic, raw.payload, max_bytes=self.max_bytes)
+        if isinstance(item, Payload):
+            events = self.tracker.feed(item)
+            if self.durable and raw.qos > 0:
+                if isinstance(item, Transition):
+                    key = key_of(item)
+                    delivered = any(e is item for e in events)
+                    if delivered or key in self._unacked:  # a redelivery waits with it
+                        self._unacked.setdefault(key, []).append((raw.mid, raw.qos))
+                    else:
+                        self._client.ack(raw.mid, raw.qos)
+                else:
+                    self._client.ack(raw.mid, raw.qos)
+            self._pending.extend(events)
+            return
+        if isinstance(item, BadMessage):
+            self.bad[item.reason] += 1
+            self._bad_log.hit(topic=item.topic[:200], reason=item.reason, detail=item.detail)
+        if self.durable and raw.qos > 0:
+            self._client.ack(raw.mid, raw.qos)
+        self._pending.append(item)
+
+    # -- durable: ledger, then ack ---------------------------------------------------------
+
+    def commit(self, t: Transition, status: Status = "done", outcome: str = "") -> None:
+        """Record ``t`` as handled; it is acknowledged once the ledger committed."""
+        if self.ledger is None:
+            return
+        self.ledger.record(t, status, outcome)
+        self.release(t)
+
+    def release(self, t: Transition) -> None:
+        """Acknowledge ``t`` (and its redeliveries) at the next ``flush``: only once the
+        caller's ledger row for it is committed or will be by that flush."""
+        acks = self._unacked.pop(key_of(t), None)
+        if acks:
+            self._to_ack.extend(acks)
+        if len(self._to_ack) >= FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.ledger is not None:
+            self.ledger.flush()
+        acks, self._to_ack = self._to_ack, []
+        for mid, qos in acks:
+            self._client.ack(mid, qos)
+
+    @property
+    def counters(self) -> dict[str, int]:
+        t = self.tracker
+        return {
+            "received": self.received,
+            "duplicates": t.duplicates,
+            "gaps": t.gaps,
+            "missing": t.missing,
+            "late": t.late,
+            "broken": t.broken,
+            "epoch_changes": t.epoch_changes,
+            "stale": t.stale,
+            "bad": sum(self.bad.values()),
+        }
