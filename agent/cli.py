@@ -1,19 +1,46 @@
-"""The ``vcpu-agent`` command: run | snapshot | check-config."""
+"""The ``vcpu-agent`` command: run | snapshot | check-config.
+
+Every way it ends is an exit status of its own (README, "Run the agent"), with a
+one-line message on stderr, never a traceback:
+
+    0   done (run: stopped by SIGTERM or SIGINT)
+    69  EX_UNAVAILABLE: snapshot could not reach libvirt
+    70  EX_SOFTWARE: a bug; run logs it as ``agent.crashed`` with the details
+    73  EX_CANTCREAT: run's spool is held by another agent, or cannot be opened or
+        written (``spool.unusable``)
+    74  EX_IOERR: stdout was closed before the output was written (``| head -c1``)
+    78  EX_CONFIG: the config file is invalid, or is not a readable regular file
+    130 interrupted (SIGINT, Ctrl-C) in check-config or snapshot
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from agent import __version__, logs
 from agent.config import DEFAULT_PATH, EX_CONFIG, Config, ConfigError, load
+from agent.sdnotify import Notifier, watchdog_usec
 
 EX_OK = 0
-EX_SOFTWARE = 70
 EX_UNAVAILABLE = 69  # libvirt could not be reached (snapshot)
+EX_SOFTWARE = 70  # a bug: logged as agent.crashed
+EX_CANTCREAT = 73  # the spool is held by another agent or cannot be opened/written
+EX_IOERR = 74  # stdout closed before our output was written
+EX_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C'd command
+
+# The watchdog is fed after each completed sample only. The longest gap between two
+# pings of a healthy agent is one interval plus one bulk call that took its whole
+# timeout; systemd recommends pinging at half the watchdog period (sd_watchdog_enabled(3)),
+# so the watchdog must be at least twice that gap. A shorter one is extended at start.
+WATCHDOG_MARGIN = 2.0
+
+log = logs.get("agent.cli")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,6 +82,23 @@ def _load(path: Path) -> Config:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+    except BrokenPipeError:
+        # The reader went away (`| head -c1`): stop quietly. Point stdout at
+        # /dev/null so the interpreter's final flush does not complain either
+        # (https://docs.python.org/3/library/signal.html#note-on-sigpipe).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EX_IOERR
+    except KeyboardInterrupt:
+        return EX_INTERRUPTED
+    return status
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     try:
         cfg = _load(args.config)
@@ -72,9 +116,57 @@ def main(argv: Sequence[str] | None = None) -> int:
         logs.configure(level=cfg.log.level, fmt=cfg.log.format, stream=sys.stderr)
         return _snapshot(cfg, as_json=args.json, wait=args.wait)
     logs.configure(level=cfg.log.level, fmt=cfg.log.format)
-    from agent.service import Service  # noqa: PLC0415 - keep check-config light
+    return _run(cfg)
 
-    return asyncio.run(Service(cfg).run())
+
+def _run(cfg: Config) -> int:
+    from agent.service import Service  # noqa: PLC0415 - keep check-config light
+    from agent.spool import SpoolError  # noqa: PLC0415
+
+    notifier = Notifier()
+    extend_watchdog(cfg, notifier)
+    try:
+        service = Service(cfg, notifier=notifier)
+    except SpoolError as err:
+        # Another agent on this spool, or a spool that cannot be opened or written:
+        # running anyway would change delivery guarantees behind subscribers' backs.
+        log.error("spool.unusable", path=cfg.spool.path, reason=str(err))  # noqa: TRY400
+        print(f"vcpu-agent: {err}", file=sys.stderr)
+        return EX_CANTCREAT
+    try:
+        return asyncio.run(service.run())
+    except Exception as err:
+        # A bug, not a fault we know: the details go to the log (structured, one
+        # event), the user gets one line and a status that says "software error".
+        log.exception("agent.crashed", error=f"{type(err).__name__}: {err}")
+        print(f"vcpu-agent: internal error: {type(err).__name__}: {err}", file=sys.stderr)
+        return EX_SOFTWARE
+
+
+def watchdog_needed_usec(cfg: Config) -> int:
+    """The shortest watchdog timeout this config can keep fed (see WATCHDOG_MARGIN)."""
+    gap = cfg.sampling.interval + cfg.libvirt.call_timeout
+    return math.ceil(WATCHDOG_MARGIN * gap * 1e6)
+
+
+def extend_watchdog(cfg: Config, notifier: Notifier) -> None:
+    """Lengthen systemd's watchdog when this config's samples may be further apart
+    than it allows (`sampling.interval = 45` under `WatchdogSec=30`): the unit is
+    not visible to check-config, so this is decided at start."""
+    current = watchdog_usec()
+    if current is None or not notifier.enabled:
+        return
+    needed = watchdog_needed_usec(cfg)
+    if current >= needed:
+        return
+    notifier.set_watchdog(needed)
+    log.warning(
+        "watchdog.extended",
+        watchdog_usec=current,
+        extended_usec=needed,
+        interval=cfg.sampling.interval,
+        call_timeout=cfg.libvirt.call_timeout,
+    )
 
 
 def _snapshot(cfg: Config, *, as_json: bool, wait: float | None) -> int:
@@ -88,6 +180,11 @@ def _snapshot(cfg: Config, *, as_json: bool, wait: float | None) -> int:
     except SourceError as err:
         print(f"vcpu-agent: cannot sample {cfg.libvirt.uri}: {err}", file=sys.stderr)
         return EX_UNAVAILABLE
+    except Exception as err:
+        # A bug: one line for the user; the details with log.level = "debug".
+        log.debug("snapshot.crashed", exc_info=True)
+        print(f"vcpu-agent: internal error: {type(err).__name__}: {err}", file=sys.stderr)
+        return EX_SOFTWARE
     if as_json:
         print_json(payloads, cfg.host_id, sys.stdout)
     else:

@@ -42,6 +42,12 @@ class Notifier:
     def watchdog(self) -> None:
         self.notify(watchdog=1)
 
+    def set_watchdog(self, usec: int) -> None:
+        """Change systemd's watchdog timeout for this service (sd_notify(3),
+        ``WATCHDOG_USEC=``; systemd 236 or later), and what ``watchdog_usec`` says."""
+        self.notify(watchdog_usec=usec)
+        os.environ["WATCHDOG_USEC"] = str(usec)
+
     def stopping(self) -> None:
         self.notify(stopping=1, status="stopping")
 
@@ -51,13 +57,21 @@ class Notifier:
             self._sock = None
 
 
-def watchdog_interval() -> float | None:
-    """Half of systemd's WatchdogSec (``$WATCHDOG_USEC``), if it is ours to feed."""
+def watchdog_usec() -> int | None:
+    """systemd's WatchdogSec in microseconds (``$WATCHDOG_USEC``), if it is ours to
+    feed (``$WATCHDOG_PID`` absent or our pid), as sd_watchdog_enabled(3) reads it."""
     usec = os.environ.get("WATCHDOG_USEC")
     pid = os.environ.get("WATCHDOG_PID")
     if not usec or (pid and pid != str(os.getpid())):
         return None
     try:
-        return int(usec) / 2e6
+        value = int(usec)
     except ValueError:
         return None
+    return value if value > 0 else None
+
+
+def watchdog_interval() -> float | None:
+    """Half of systemd's WatchdogSec, in seconds, if it is ours to feed."""
+    usec = watchdog_usec()
+    return None if usec is None else usec / 2e6

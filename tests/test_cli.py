@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.cli import EX_CANTCREAT, EX_INTERRUPTED, EX_IOERR
+from agent.config import EX_CONFIG
 from agent.payloads import DomainStatePayload, VcpuStatePayload, decode
 from lab.mosquitto import Mosquitto
 from tests.conftest import Subscriber
@@ -186,3 +189,196 @@ def test_snapshot_exits_69_when_libvirt_cannot_be_reached(tmp_path: Path) -> Non
     assert "cannot sample" in out.stderr
     assert "Traceback" not in out.stderr
     assert time.monotonic() - started < 30
+
+
+# -- a spool another agent holds ----------------------------------------------------------
+
+
+def test_a_spool_held_by_another_agent_stops_run_with_73_and_one_clear_line(
+    tmp_path: Path, broker: Mosquitto, prefix: str
+) -> None:
+    config = write_config(tmp_path, broker, prefix)
+    spool = tmp_path / "spool.sqlite3"
+    with (tmp_path / "spool.sqlite3.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as a running agent holds it
+        out = subprocess.run(
+            [*AGENT, "run", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert out.returncode == EX_CANTCREAT == 73, out.stderr
+    [line] = out.stderr.splitlines()
+    assert line.startswith("vcpu-agent: "), line
+    assert "in use by another vcpu-agent" in line, line
+    [event] = [
+        e for e in map(json.loads, out.stdout.splitlines()) if e["event"] == "spool.unusable"
+    ]
+    assert event["path"] == str(spool)
+    assert "in use" in event["reason"]
+
+
+# -- odd files as --config ----------------------------------------------------------------
+
+
+def _odd_config(kind: str, tmp_path: Path) -> Path:
+    path = tmp_path / f"{kind}.toml"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)  # nobody writes: reading it would block for ever
+    elif kind == "binary":
+        path.write_bytes(Path(sys.executable).resolve().read_bytes()[:4096])
+    elif kind == "huge":
+        with path.open("wb") as f:
+            f.truncate(1 << 40)  # sparse, 1 TiB
+    elif kind == "unreadable":
+        path.write_text("[mqtt]\n")
+        path.chmod(0)
+    elif kind == "device":
+        return Path("/dev/null")
+    elif kind == "read-error":
+        # A regular file whose read fails for root too: offset 0 of a process's own
+        # memory is never mapped, so read(2) gives EIO.
+        return Path("/proc/self/mem")
+    return path
+
+
+def _nobody_can_run_python() -> bool:
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-c", ""], user=65534, group=65534, extra_groups=[], check=False
+        )
+    except PermissionError:
+        return False
+    return probe.returncode == 0
+
+
+ODD = {
+    "directory": "is a directory, not a regular file",
+    "fifo": "is a FIFO, not a regular file",
+    "device": "is a device, not a regular file",
+    "binary": "not UTF-8 text",
+    "huge": "is larger than 1048576 bytes",
+    "unreadable": "Permission denied",
+    "read-error": "Input/output error",
+}
+
+
+@pytest.mark.parametrize("command", ["check-config", "snapshot", "run"])
+@pytest.mark.parametrize("kind", sorted(ODD))
+def test_an_odd_file_as_config_exits_78_with_the_reason_and_no_traceback(
+    tmp_path: Path, command: str, kind: str
+) -> None:
+    config = _odd_config(kind, tmp_path)
+    # root reads any file: the unreadable case runs as nobody, whom the mode stops.
+    nobody = 65534 if kind == "unreadable" and os.geteuid() == 0 else None
+    if nobody is not None and not _nobody_can_run_python():
+        pytest.skip(
+            "as root a mode-000 file is readable, and nobody cannot execute "
+            f"{sys.executable} here; read-error covers a read that fails for root too"
+        )
+    out = subprocess.run(
+        [*AGENT, command, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd=Path(__file__).parent.parent,
+        user=nobody,
+        group=nobody,
+        extra_groups=[] if nobody is not None else None,
+    )
+    assert out.returncode == EX_CONFIG, out.stderr
+    assert out.stderr.splitlines()[0] == f"vcpu-agent: invalid config {config}:"
+    assert ODD[kind] in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+
+
+# -- closed stdout, signals -----------------------------------------------------------------
+
+
+def _test_driver_config(tmp_path: Path) -> Path:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[libvirt]\nuri = "test:///default"\n[log]\nformat = "json"\n')
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "argv", [["check-config"], ["snapshot", "--wait", "0.05"], ["snapshot", "--json"]]
+)
+def test_a_closed_stdout_ends_quietly_with_74(tmp_path: Path, argv: list[str]) -> None:
+    """As `vcpu-agent snapshot --json | head -c1`, made deterministic: the reader
+    has gone before the first write."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        out = subprocess.run(
+            [*AGENT, *argv, "--config", str(_test_driver_config(tmp_path))],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert out.returncode == EX_IOERR == 74, out.stderr
+    assert "Traceback" not in out.stderr
+    assert "BrokenPipeError" not in out.stderr
+
+
+def test_snapshot_piped_into_head_prints_one_byte_and_no_traceback(tmp_path: Path) -> None:
+    cfg = _test_driver_config(tmp_path)
+    command = f"{sys.executable} -m agent snapshot --json --config {cfg} | head -c1"
+    out = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", command],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert out.stdout == "{"
+    assert out.returncode in (0, EX_IOERR)  # 0 when the JSON fit in the pipe in time
+    assert "Traceback" not in out.stderr
+
+
+def test_sigint_during_snapshot_exits_130_quietly(tmp_path: Path) -> None:
+    cfg = _test_driver_config(tmp_path)
+    proc = subprocess.Popen(
+        [*AGENT, "snapshot", "--wait", "60", "--config", str(cfg)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(2.0)  # well inside the 60 s wait between the two samples
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == EX_INTERRUPTED == 130, stderr
+    assert "Traceback" not in stderr
+    assert "KeyboardInterrupt" not in stderr
+    assert stdout == ""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_run_stops_with_0_on_sigterm_and_sigint(
+    tmp_path: Path,
+    broker: Mosquitto,
+    prefix: str,
+    sig: signal.Signals,
+    agent_process: Callable[..., subprocess.Popen[bytes]],
+    notify_socket: socket.socket,
+) -> None:
+    proc = agent_process(
+        write_config(tmp_path, broker, prefix), {"NOTIFY_SOCKET": str(tmp_path / "notify")}
+    )
+    notifications_until(notify_socket, "READY=1")
+    proc.send_signal(sig)
+    assert proc.wait(timeout=10) == 0
+    assert "Traceback" not in (tmp_path / "agent.log").read_text()

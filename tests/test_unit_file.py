@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.cli import EX_CANTCREAT
 from agent.config import EX_CONFIG
 
 UNIT = Path(__file__).parent.parent / "systemd" / "vcpu-agent.service"
@@ -65,11 +66,11 @@ def test_the_unit_exposure_score_is_low(tmp_path: Path) -> None:
     assert float(score.group(1)) <= 2.0
 
 
-def test_the_unit_is_a_watched_notify_service_that_does_not_retry_bad_config() -> None:
+def test_the_unit_is_a_watched_notify_service_that_does_not_retry_bad_config_or_spool() -> None:
     opts = unit_options()
     assert opts["Service.Type"] == ["notify"]
     assert opts["Service.Restart"] == ["on-failure"]
-    assert opts["Service.RestartPreventExitStatus"] == [str(EX_CONFIG)]
+    assert opts["Service.RestartPreventExitStatus"] == [f"{EX_CANTCREAT} {EX_CONFIG}"]
     assert int(opts["Service.WatchdogSec"][0]) >= 20
     assert opts["Service.ExecStart"][0].split()[1:] == [
         "run",
