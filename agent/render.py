@@ -44,6 +44,7 @@ class Outgoing(NamedTuple):
 
     message: Message
     told: ChainUpdate | None = None
+    transition: Transition | None = None  # the body, when the message is a transition
 
 
 @dataclass(slots=True)
@@ -186,7 +187,7 @@ class Renderer:
             resync=resync,
         )
         topic = self.topics.vcpu_transition(domain, vcpu)
-        return Outgoing(self._msg(topic, body, retain=False), (key, new))
+        return Outgoing(self._msg(topic, body, retain=False), (key, new), body)
 
     def lifecycle(self, event: LifecycleEvent) -> Outgoing:
         key: SeqKey = (event.uuid, None)

@@ -43,7 +43,7 @@ from agent.source import (
 )
 from agent.spool import SqliteSpool
 from agent.topics import Topics
-from agent.transitions import Change, HostState, VcpuTransition, advance, rebaseline, retire
+from agent.transitions import Change, HostState, advance, rebaseline, retire
 
 log = logs.get("agent.service")
 
@@ -279,19 +279,21 @@ class Service:
 
     def _publish(self, changes: list[Change]) -> None:
         for change in changes:
-            if isinstance(change, VcpuTransition):
-                log.info(
-                    "vcpu.transition",
-                    domain=change.domain,
-                    vcpu=change.vcpu,
-                    before=change.before.state.value,
-                    after=change.after.state.value,
-                    source=change.after.source.value,
-                    ratio=change.after.ratio,
-                    resync=change.resync,
-                )
             for out in self.renderer.change(change):
-                self.publisher.publish(*out)
+                if out.transition is not None:
+                    t = out.transition
+                    log.info(
+                        "vcpu.transition",
+                        domain=t.domain,
+                        vcpu=t.vcpu,
+                        before=t.from_state,
+                        after=t.to_state,
+                        source=t.source,
+                        ratio=t.ratio,
+                        seq=t.seq,
+                        resync=t.resync,
+                    )
+                self.publisher.publish(out.message, out.told)
 
     def _after_sample(self) -> None:
         self.notifier.watchdog()

@@ -34,8 +34,13 @@ async def take(cfg: Config, *, wait: float) -> list[Payload]:
     finally:
         await source.close()
         source.shutdown()
-    renderer = Renderer(Topics(prefix=cfg.mqtt.topic_prefix, host=cfg.host_id), qos=0)
-    return [decode(renderer.change(c)[1].payload) for c in current_state(host, time.time())]
+    # Not a published stream: no chain and no epoch (every vCPU state has seq 0).
+    renderer = Renderer(Topics(prefix=cfg.mqtt.topic_prefix, host=cfg.host_id), qos=0, epoch="")
+    return [
+        decode(out.message.payload)
+        for change in current_state(host, time.time())
+        for out in renderer.change(change)
+    ]
 
 
 def print_table(payloads: list[Payload], out: TextIO) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
@@ -17,6 +19,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from agent.config import Config
 from lab.libvirtd import Libvirtd
 from lab.mosquitto import Mosquitto
+from tests.reliability.fault_harness import PersistentSubscriber
 from tests.testdriver import RunningAgent, start_agent
 
 
@@ -51,6 +54,44 @@ def libvirtd() -> Iterator[Libvirtd]:
     test that restarts libvirtd is not refused for "other users" of it."""
     with Libvirtd() as daemon:
         yield daemon
+
+
+@pytest.fixture
+def make_broker() -> Iterator[Callable[..., Mosquitto]]:
+    """Brokers of this test's own (it may stop and restart them)."""
+    brokers: list[Mosquitto] = []
+
+    def make(extra_conf: str = "", *, persistent: bool = False) -> Mosquitto:
+        workdir = Path(tempfile.mkdtemp(prefix="vcpu-rel-mosq-"))
+        if persistent:
+            # Later lines win: the session and its queued QoS 1 messages survive a
+            # broker restart, as a production broker's would.
+            extra_conf = (
+                f"persistence true\npersistence_location {workdir}/\n"
+                f"max_queued_messages 0\n{extra_conf}"
+            )
+        broker = Mosquitto(extra_conf=extra_conf, workdir=workdir)
+        broker.start()
+        brokers.append(broker)
+        return broker
+
+    yield make
+    for broker in brokers:
+        broker.stop()
+
+
+@pytest.fixture
+def make_subscriber() -> Iterator[Callable[..., PersistentSubscriber]]:
+    subs: list[PersistentSubscriber] = []
+
+    def make(port: int, topic: str, auth: tuple[str, str] | None = None) -> PersistentSubscriber:
+        sub = PersistentSubscriber(port, topic, auth=auth)
+        subs.append(sub)
+        return sub
+
+    yield make
+    for sub in subs:
+        sub.close()
 
 
 @pytest.fixture

@@ -24,8 +24,8 @@ from pathlib import Path
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from agent.delivery import SeqKey
 from agent.payloads import Lifecycle, Payload, Transition, decode
-from agent.render import SeqKey
 
 ROOT = Path(__file__).resolve().parents[2]
 AGENT = [sys.executable, "-m", "agent"]
@@ -245,15 +245,16 @@ def compare(produced: Mapping[SeqKey, int], messages: Iterable[Got]) -> Delivery
 
 
 def spool_seqs(path: Path) -> dict[SeqKey, int]:
-    """The seq counters a (possibly killed) agent left in its spool."""
+    """The last seqs a (possibly killed) agent left in its spool's chain."""
     with sqlite3.connect(path) as db:
-        rows = db.execute("SELECT uuid, vcpu, value FROM seqs").fetchall()
+        rows = db.execute("SELECT uuid, vcpu, seq FROM chain").fetchall()
     return {(u, None if v == -1 else v): n for u, v, n in rows}
 
 
 def spool_backlog(path: Path) -> int:
+    """Events (transitions, lifecycle) still queued; retained states not counted."""
     with sqlite3.connect(path) as db:
-        count: int = db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+        count: int = db.execute("SELECT COUNT(*) FROM entries WHERE retain = 0").fetchone()[0]
     return count
 
 
