@@ -1,7 +1,8 @@
 """Bad input never crashes the agent nor makes it lie.
 
 - config files (wrong types, unknown keys, out-of-range values, broken TOML) through
-  the real ``vcpu-agent check-config`` entry point: exit 78 naming the key;
+  the real ``vcpu-agent check-config`` entry point: exit 78 naming the key; and every
+  edge-case string it accepts also starts the real ``run`` against a real mosquitto;
 - hostile domain names through the real agent and a real broker: valid topics that
   decode back to the name;
 - malformed stats records through the real parser and differ: no crash, and a
@@ -17,6 +18,7 @@ import io
 import math
 import signal
 import tempfile
+import time
 import tomllib
 import typing
 from collections.abc import Callable
@@ -156,6 +158,102 @@ def test_unknown_sections_are_named_in_the_error(tables: dict[str, int]) -> None
         assert status == EX_CONFIG
         for n in names:
             assert f"{n}: unknown section" in err
+
+
+# -- what check-config accepts, run starts --------------------------------------------------
+
+# Edge cases of a string: empty, blank, $-prefixed, empty topic levels, each kind of
+# character MQTT strings should not hold (DEL, a C1 control, a noncharacter), non-ASCII
+# beyond the BMP, past 256 bytes, past MQTT's 65535-byte strings. Each of these crashed
+# or stalled `run` on some key while check-config accepted it (issue 7).
+EDGE_STRINGS = [
+    "",
+    " ",
+    "$x",
+    "x/",
+    "a//b",
+    "a\x7fb",
+    "a\x85b",
+    "a\ufffeb",
+    "é雪🚀",
+    "x" * 257,
+    "x" * 65536,
+    "a b",
+    "..",
+]
+# Every free-text key. File paths are checked by reading them (tests/test_config.py);
+# spool.path would create the edge names as files in the working directory.
+STRING_KEYS = sorted(
+    (section, key)
+    for section, keys in SECTIONS.items()
+    for key, hint in keys.items()
+    if hint is str
+    and not key.endswith("_file")
+    and (section, key) != ("spool", "path")
+    and (section, key) != ("log", "level")
+)
+
+
+def test_every_edge_string_check_config_accepts_also_starts_run_without_a_traceback(
+    tmp: Path,
+    prefix: str,
+    make_broker: Callable[..., Mosquitto],
+    spawn: Callable[..., AgentProcess],
+) -> None:
+    """For each free-text key and edge string: check-config refuses it (78), or the real
+    `run` against a real mosquitto and the test driver starts, connects (unless the key
+    is where it connects to) and stops with 0 on SIGTERM, never a traceback."""
+    broker = make_broker()
+    accepted: list[tuple[str, str, str, Path]] = []
+    for n, ((section, key), value) in enumerate((k, v) for k in STRING_KEYS for v in EDGE_STRINGS):
+        base: dict[str, dict[str, object]] = {
+            "agent": {"host_id": "edge"},
+            "libvirt": {"uri": "test:///default"},
+            "sampling": {"interval": 0.2},
+            "mqtt": {
+                "host": "127.0.0.1",
+                "port": broker.port,
+                "topic_prefix": f"{prefix}/{n}",
+                "client_id": f"edge-{n}",
+                "keepalive": 5,
+            },
+            "spool": {"path": ""},
+            "log": {"format": "json"},
+        }
+        base[section][key] = value
+        text = "".join(
+            f"[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in table.items())
+            for name, table in base.items()
+        )
+        status, err = _check_config(text)
+        assert "Traceback" not in err
+        if status == EX_CONFIG:
+            assert f"  {section}.{key}: " in err, (section, key, value, err)
+            continue
+        assert status == 0, err
+        cfg = tmp / f"edge-{n}.toml"
+        cfg.write_text(text)
+        accepted.append((section, key, value, cfg))
+
+    for batch in range(0, len(accepted), 6):  # a few at a time: 2 cores are shared
+        agents = [
+            (case, spawn([*AGENT, "run", "--config", str(case[3])], name=f"edge-{batch}-{i}"))
+            for i, case in enumerate(accepted[batch : batch + 6])
+        ]
+        for (section, key, value, _), agent in agents:
+            if (section, key) not in {("mqtt", "host"), ("libvirt", "uri")}:
+                agent.wait_log("agent.ready", timeout=20)
+                assert agent.events("mqtt.connected"), (section, key, value, agent.raw()[-2000:])
+            else:  # it may not connect: wait until it handles SIGTERM
+                agent.wait_log("agent.starting", timeout=20)
+                time.sleep(0.3)
+            agent.signal(signal.SIGTERM)
+        for (section, key, value, _), agent in agents:
+            assert agent.wait(timeout=15) == 0, (section, key, value, agent.raw()[-2000:])
+            assert "Traceback" not in agent.raw(), (section, key, value)
+            assert not agent.events("agent.crashed")
+    # The loop above ran something: most keys take most of these values.
+    assert len(accepted) >= 20, accepted
 
 
 # -- hostile domain names -------------------------------------------------------------
