@@ -110,6 +110,11 @@ class BadMessage:
     detail: str
 
 
+@dataclass(frozen=True, slots=True)
+class Synced:
+    """The retained tree present when the subscription began has arrived (client)."""
+
+
 ChainEvent = SeqGap | ChainBroken | EpochChanged
 Event = (
     Transition
@@ -124,6 +129,7 @@ Event = (
     | VcpuCleared
     | DomainCleared
     | BadMessage
+    | Synced
 )
 
 

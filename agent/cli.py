@@ -23,7 +23,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent import __version__, logs
+from agent import __version__, logs, subcommands
 from agent.config import DEFAULT_PATH, EX_CONFIG, Config, ConfigError, load
 from agent.sdnotify import Notifier, watchdog_usec
 
@@ -72,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
         "at most 1)",
     )
     add("check-config", "validate the config file: exit 0, or 78 with every error")
+    subcommands.add_parsers(sub)  # watch | react | metrics: the subscriber side
     return parser
 
 
@@ -110,6 +111,8 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "check-config":
         print(f"{args.config}: ok")
         return EX_OK
+    if args.command in subcommands.COMMANDS:
+        return subcommands.run(args, cfg)
 
     if args.command == "snapshot":
         # stdout carries the table or JSON: logs go to stderr.

@@ -55,7 +55,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent import logs
-from agent.chain import BadMessage, ChainTracker, Event
+from agent.chain import BadMessage, ChainTracker, Event, Synced
 from agent.config import MqttSection, read_password
 from agent.inbox import MAX_BYTES, read
 from agent.ledger import Key, Ledger, Status, key_of
@@ -288,6 +288,7 @@ class Subscriber:
         if mid == self._marker_mid:
             client.unsubscribe(f"{self.prefix}/%sync/{self.client_id}")
             self._synced.set()
+            self._enqueue(_Raw("", b"", -1, 0))  # in the stream, after the retained tree
             return
         refused = [str(c) for c in codes if c.is_failure]
         if refused:
@@ -302,7 +303,10 @@ class Subscriber:
         log.warning("client.disconnected", reason=str(rc))
 
     def _on_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
-        self._raw.put(_Raw(msg.topic, bytes(msg.payload), msg.mid, msg.qos))
+        self._enqueue(_Raw(msg.topic, bytes(msg.payload), msg.mid, msg.qos))
+
+    def _enqueue(self, raw: _Raw) -> None:
+        self._raw.put(raw)
         wake = self._wake
         if wake is not None:
             wake[0].call_soon_threadsafe(wake[1].set)
@@ -351,6 +355,9 @@ class Subscriber:
             self._wake = None
 
     def _process(self, raw: _Raw) -> None:
+        if raw.mid == -1:
+            self._pending.append(Synced())
+            return
         self.received += 1
         item = read(self.prefix, raw.topic, raw.payload, max_bytes=self.max_bytes)
         if isinstance(item, Payload):
