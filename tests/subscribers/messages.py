@@ -12,7 +12,6 @@ from agent.payloads import (
     DomainStatePayload,
     Gap,
     Lifecycle,
-    Payload,
     StateName,
     Status,
     Transition,
@@ -54,7 +53,7 @@ class FakeAgent:
         self.lifecycle_seq = 0
         self.dropped_total = 0
 
-    def status(self, status: str = "online") -> tuple[str, Payload]:
+    def status(self, status: str = "online") -> tuple[str, Status]:
         body = Status(
             host=self.host,
             status="online" if status == "online" else "offline",
@@ -65,7 +64,7 @@ class FakeAgent:
         )
         return self.topics.status, body
 
-    def domain_state(self, domain: str, uuid: str, vcpus: int) -> tuple[str, Payload]:
+    def domain_state(self, domain: str, uuid: str, vcpus: int) -> tuple[str, DomainStatePayload]:
         body = DomainStatePayload(
             host=self.host,
             domain=domain,
@@ -78,7 +77,7 @@ class FakeAgent:
         )
         return self.topics.domain_state(domain), body
 
-    def vcpu_state(self, domain: str, uuid: str, vcpu: int) -> tuple[str, Payload]:
+    def vcpu_state(self, domain: str, uuid: str, vcpu: int) -> tuple[str, VcpuStatePayload]:
         state = self.states.setdefault((uuid, vcpu), "running")
         body = VcpuStatePayload(
             host=self.host,
@@ -122,7 +121,7 @@ class FakeAgent:
         )
         return self.topics.vcpu_transition(domain, vcpu), body
 
-    def lifecycle(self, domain: str, uuid: str, event: str = "suspended") -> tuple[str, Payload]:
+    def lifecycle(self, domain: str, uuid: str, event: str = "suspended") -> tuple[str, Lifecycle]:
         self.lifecycle_seq += 1
         body = Lifecycle(
             host=self.host,
@@ -136,7 +135,7 @@ class FakeAgent:
         )
         return self.topics.lifecycle(domain), body
 
-    def gap(self, dropped: int) -> tuple[str, Payload]:
+    def gap(self, dropped: int) -> tuple[str, Gap]:
         self.dropped_total += dropped
         body = Gap(
             host=self.host,
