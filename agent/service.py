@@ -215,7 +215,8 @@ class Service:
             lifecycle=event.event,
             detail=event.detail,
         )
-        self.publisher.publish(*self.renderer.lifecycle(event))
+        out = self.renderer.lifecycle(event)
+        self.publisher.publish(out.message, out.told)
         self.resamples.lifecycle(event.uuid, time.monotonic())
 
     # -- samples ---------------------------------------------------------------------
