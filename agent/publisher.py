@@ -22,8 +22,9 @@ adapter, one ``agent.mqtt_client.Connection`` per connection, only moves bytes.
   over 65,535 bytes) is dropped and counted, so the ``gap`` marker tells
   subscribers; the entries that fit keep flowing. MQTT 3.1.1 brokers do not
   announce a limit (mosquitto's ``max_packet_size`` just closes the connection):
-  an entry at the head of the window when the connection dropped right after it
-  was sent, twice in a row, is treated the same way.
+  after a connection dropped right after a send, the next one sends one entry at
+  a time; one that drops right after sending it names the entry, which is then
+  treated the same way (two connections per such entry, not a flap forever).
 - **Refusals.** A negative PUBACK (MQTT 5 reason code >= 0x80) means not
   delivered: the entry stays queued, sending pauses for a backoff
   (``reconnect_min`` doubling to ``reconnect_max``), then everything unacknowledged
@@ -60,8 +61,8 @@ from agent.topics import Topics
 log = logs.get("agent.publisher")
 
 WINDOW = 1000  # unacknowledged QoS >= 1 messages on one connection, at most
-# A connection that drops within this long after the head of its window was sent,
-# twice in a row with the same head, is taken as a broker refusing that packet.
+# A connection that drops within this long after a send is suspected of a broker
+# closing on a packet it will not take (see Publisher._judge_head).
 SUSPECT_S = 5.0
 FAULT_EVERY_S = 60.0  # the reminder pace of a lasting fault
 
@@ -125,8 +126,10 @@ class Publisher:
         self._resume_due = False
         self._refused_ids: set[int] = set()
         self._refusal_delay = cfg.reconnect_min
-        # A suspected oversized entry (MQTT 3.1.1): (entry id, connections it ended).
-        self._suspect: tuple[int, int] | None = None
+        # Probing for a packet the broker closes on (see _judge_head): the highest
+        # entry id sent before the suspicious drop; 0 when not probing.
+        self._probe_upto = 0
+        self._full_window = WINDOW
         self._connect_failed = logs.LastingFault(log, "mqtt.connect_failed", every=FAULT_EVERY_S)
         self._lost = logs.LastingFault(log, "mqtt.disconnected", every=FAULT_EVERY_S)
         self._refused = logs.LastingFault(log, "mqtt.publish_refused", every=FAULT_EVERY_S)
@@ -218,7 +221,8 @@ class Publisher:
         self._gap_sent = self.outbox.gap_reported
         self._reassert = None
         self._paused = self._resume_due = False
-        self._window = min(WINDOW, connack.receive_maximum or WINDOW)
+        self._full_window = min(WINDOW, connack.receive_maximum or WINDOW)
+        self._window = 1 if self._probe_upto else self._full_window
         self._max_packet = connack.maximum_packet_size
         self.connected.set()
         (log.info if self._lost.count <= 1 else log.debug)(
@@ -248,25 +252,33 @@ class Publisher:
         self._unsendable_fault.clear()  # a limit belongs to a connection
 
     def _judge_head(self, conn: Connection) -> None:
-        """A connection that dropped right after the head of its window was sent,
-        twice with the same head: the broker closes on that packet (MQTT 3.1.1
-        brokers say nothing more). Drop it rather than flap forever."""
+        """Did the broker close on a packet it will never take (MQTT 3.1.1 brokers
+        do not say why)? A connection that dropped right after a send, with entries
+        in flight, makes the next connection *probe*: one entry in flight at a time
+        up to the last one sent here. A probing connection that drops right after
+        sending its one entry names the culprit: it is dropped like an entry over an
+        announced limit, rather than flapping forever."""
         if self._stopping or not self._inflight:
-            self._suspect = None
             return
-        head, sent_at = min(self._inflight.values())
-        if time.monotonic() - sent_at > SUSPECT_S:
-            self._suspect = None
+        newest = max(at for _, at in self._inflight.values())
+        if time.monotonic() - newest > SUSPECT_S:
             return
-        strikes = self._suspect[1] + 1 if self._suspect and self._suspect[0] == head else 1
-        self._suspect = (head, strikes)
-        if strikes < 2:
+        if not self._probe_upto:
+            self._probe_upto = self._sent_upto
             return
-        self._suspect = None
+        head = min(entry_id for entry_id, _ in self._inflight.values())
         for entry_id, message in self.outbox.pending(head - 1, 1):
             if entry_id == head:
                 size = conn.packet_size(message)
                 self._drop(entry_id, message, Unsendable("packet", size, self._max_packet))
+
+    def _probe_done(self) -> None:
+        """Probing ends once every entry sent before the suspicious drop is gone."""
+        if self._probe_upto:
+            oldest = self.outbox.pending(0, 1)
+            if not oldest or oldest[0][0] > self._probe_upto:
+                self._probe_upto = 0
+                self._window = self._full_window
 
     # -- the pump ---------------------------------------------------------------------
 
@@ -283,6 +295,7 @@ class Publisher:
         conn = self._conn
         if conn is None or not self.connected.is_set() or self._paused or self._stopping:
             return
+        self._probe_done()
         while (room := self._room()) > 0:
             self._announce_gap(conn)
             batch = self.outbox.pending(self._sent_upto, room)
@@ -390,8 +403,6 @@ class Publisher:
         if sent is not None:
             entry_id = sent[0]
             self.outbox.ack(entry_id)
-            if self._suspect is not None and self._suspect[0] == entry_id:
-                self._suspect = None
             self._accepted(entry_id)
         else:
             kind, ref = self._others.pop(mid, ("", None))
