@@ -225,7 +225,9 @@ class Publisher:
         self._window = 1 if self._probe_upto else self._full_window
         self._max_packet = connack.maximum_packet_size
         self.connected.set()
-        (log.info if self._lost.count <= 1 else log.debug)(
+        if self._lost.count > 1:  # one more connection that keeps dropping: no news
+            return self._start(conn)
+        log.info(
             "mqtt.connected",
             host=self.cfg.host,
             port=self.cfg.port,
@@ -236,6 +238,9 @@ class Publisher:
             receive_maximum=connack.receive_maximum,
             maximum_packet_size=connack.maximum_packet_size,
         )
+        self._start(conn)
+
+    def _start(self, conn: Connection) -> None:
         self._send_status(conn)
         self._pump()
 
