@@ -4,7 +4,7 @@
 
 Each run produces ``--events`` transition-sized events in batches (``batch``
 events per loop iteration, as one sample's transitions arrive), through the
-real ``Publisher`` to a real mosquitto on loopback, and waits until the broker
+real ``Publisher`` (``agent.publisher``) to a real mosquitto on loopback, and waits until the broker
 has acknowledged every one. Events/s = events / (last PUBACK - first put).
 """
 
@@ -18,17 +18,17 @@ from pathlib import Path
 from typing import Literal
 
 from agent.config import MqttSection
-from agent.mqtt import Publisher
-from agent.outbox import MemoryOutbox, Message, Outbox
+from agent.delivery import MemoryOutbox, Message, Outbox
+from agent.publisher import Publisher
 from agent.spool import SqliteSpool
 from agent.topics import Topics
 from lab.mosquitto import Mosquitto
 
 PAYLOAD = (
-    b'{"schema":1,"kind":"transition","host":"bench","domain":"guest-01","uuid":'
+    b'{"schema":2,"kind":"transition","host":"bench","domain":"guest-01","uuid":'
     b'"6695eb01-f6a4-8304-79aa-97f2502e193f","vcpu":3,"from":"running","to":"halted",'
     b'"source":"kvm","ratio":0.9912,"at":"2026-01-01T00:00:00.000Z","changed_at":'
-    b'"2026-01-01T00:00:00.000Z","previous_duration_s":3.001,"seq":12345,"resync":false}'
+    b'"2026-01-01T00:00:00.000Z","previous_duration_s":3.001,"seq":12345,"epoch":"0123456789ab","resync":false}'
 )
 
 
@@ -39,7 +39,7 @@ async def _run(port: int, outbox: Outbox, events: int, batch: int) -> float:
     if batch == 0:
         for _ in range(events):
             outbox.put(Message(topic, PAYLOAD, 1, False))
-        len(outbox)  # the spool writes its buffers
+        outbox.flush()
     cfg = MqttSection(host="127.0.0.1", port=port, reconnect_min=0.05, reconnect_max=0.5)
     pub = Publisher(
         cfg=cfg,
@@ -54,14 +54,14 @@ async def _run(port: int, outbox: Outbox, events: int, batch: int) -> float:
     produced = events if batch == 0 else 0
     while produced < events:
         for _ in range(min(batch, events - produced)):
-            pub.publish_event(Message(topic, PAYLOAD, 1, False))
+            pub.publish(Message(topic, PAYLOAD, 1, False), None)
             produced += 1
         await asyncio.sleep(0)
     while len(outbox):
         await asyncio.sleep(0.001)
     elapsed = time.perf_counter() - start
     await pub.stop(1.0)
-    task.cancel()
+    await task
     return events / elapsed
 
 
