@@ -19,6 +19,7 @@ subscriber receives must tell, per vCPU, one consistent story:
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,7 +120,7 @@ class Agent:
         self.host, changes = advance(self.host, [record], self.th, complete=True)
         for change in changes:
             for out in self.renderer.change(change):
-                self.spool.put(*out)
+                self.spool.put(out.message, out.told)
         assert self.spool.flush()  # what the publisher does before it sends
 
 
@@ -179,7 +180,7 @@ def check(received: list[Message], expected: Expected, guest: Guest) -> None:
 def test_subscribers_get_one_consistent_story_per_vcpu_across_restarts_reconnects_and_outages(
     tmp_path: Path, steps: list[tuple[object, ...]]
 ) -> None:
-    path = tmp_path / f"spool-{len(list(tmp_path.iterdir()))}.sqlite3"
+    path = tmp_path / f"spool-{uuid.uuid4().hex}.sqlite3"  # one per example
     guest, expected, agent = Guest(), Expected(), Agent(path)
     received: list[Message] = []
     broker_up = True
