@@ -190,7 +190,9 @@ class Connection:
             self.close()
             raise
         if rc.is_failure:
-            self.close(reason=f"broker refused the connection: {describe(rc)}")
+            # The CONNACK's reason, not paho's disconnect that follows it.
+            self.close_reason = f"broker refused the connection: {describe(rc)}"
+            self.close()
             raise ConnectRefusedError(self.close_reason)
         self._misc = self._loop.call_later(HOUSEKEEPING_S, self._housekeeping)
         return connack
