@@ -251,6 +251,13 @@ def spool_seqs(path: Path) -> dict[SeqKey, int]:
     return {(u, None if v == -1 else v): n for u, v, n in rows}
 
 
+def spool_entries(path: Path) -> int:
+    """Everything still queued: events and retained states."""
+    with sqlite3.connect(path) as db:
+        count: int = db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+    return count
+
+
 def spool_backlog(path: Path) -> int:
     """Events (transitions, lifecycle) still queued; retained states not counted."""
     with sqlite3.connect(path) as db:
