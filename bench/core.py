@@ -67,7 +67,7 @@ def scaled_samples(domains: int, vcpus: int, samples: int, *, toggling: bool) ->
 def run(domains: int, vcpus: int, samples: int, *, toggling: bool) -> tuple[float, int]:
     """Seconds of CPU per vCPU per sample, and events (transitions) produced."""
     batches = scaled_samples(domains, vcpus, samples, toggling=toggling)
-    renderer = Renderer(Topics(prefix="vcpu", host="bench"), qos=1)
+    renderer = Renderer(Topics(prefix="vcpu", host="bench"), qos=1, epoch="bench")
     th = Thresholds()
     host = HostState()
     transitions = 0
@@ -79,8 +79,7 @@ def run(domains: int, vcpus: int, samples: int, *, toggling: bool) -> tuple[floa
         ]
         host, changes = advance(host, records, th, complete=True)
         for change in changes:
-            route, _message = renderer.change(change)
-            transitions += route == "event"
+            transitions += sum(out.transition is not None for out in renderer.change(change))
     cpu = time.process_time() - start
     return cpu / (domains * vcpus * samples), transitions
 

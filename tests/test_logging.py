@@ -46,7 +46,8 @@ def lasting_faults_in_code() -> set[str]:
                 and len(node.args) >= 2
                 and isinstance(node.args[1], ast.Constant)
             ):
-                found |= {str(node.args[1].value), f"{node.args[1].value}.ended"}
+                name = str(node.args[1].value)
+                found |= {name, f"{name}.ended"}
     return found
 
 
