@@ -76,7 +76,7 @@ def _run_events() -> None:
 def start_event_thread() -> None:
     """Register libvirt's default event loop and run it; once per process.
 
-    Must happen before the first connection is opened (NOTES.md, libvirt docs).
+    Must happen before the first connection is opened (docs/platform.md).
     """
     global _event_thread  # noqa: PLW0603 - libvirt's event impl is process-global too
     with _event_lock:
@@ -130,8 +130,9 @@ class LibvirtSource:
         parked as *stalled*; the next call gets the second thread. That matters:
         the first bulk call after a QEMU freezes blocks inside libvirt on the
         domain's monitor, while a second NOWAIT call skips that domain's busy job
-        and returns (NOTES.md; measured here). With both threads taken, calls are
-        refused (``SourceBusyError``) rather than queued, until one returns.
+        and returns (docs/platform.md, "The stats the agent reads"). With both
+        threads taken, calls are refused (``SourceBusyError``) rather than queued,
+        until one returns.
         """
         if self._stalled is not None and self._stalled.done():
             log.info("libvirt.call_recovered", call=self._stalled_what)

@@ -8,8 +8,8 @@ vCPUs: every vCPU replays the recorded vCPU 0 with its own phase offset, so abou
 one vCPU in six changes state per sample, as in the recording. Each sample runs
 what the agent runs per tick on the loop thread: ``domain_record`` for every
 domain, ``advance``, and the rendering (JSON encoding) of every change. The
-libvirt call itself is not included (it runs in the worker thread; NOTES.md
-measured ~4 ms for 4 guests).
+libvirt call itself is not included (it runs in the worker thread; ~4 ms for 4
+guests, docs/platform.md).
 """
 
 from __future__ import annotations

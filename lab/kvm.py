@@ -8,7 +8,7 @@ that when the last lab user leaves).
 
 Do it BEFORE libvirtd starts: libvirtd caches per-emulator capabilities and
 re-probes every emulator when /dev/kvm's permissions (ctime) change, which took
-minutes with many emulators installed (see shared NOTES). The mode is only
+minutes with many emulators installed (docs/platform.md). The mode is only
 touched when it differs, so an already-correct device keeps its ctime.
 """
 

@@ -1,7 +1,7 @@
 """Make sure a libvirtd answers on qemu:///system, shared safely by lab sessions.
 
-No systemd here: the daemons are started by hand, as the shared NOTES found
-necessary: ``virtlogd`` first (without it ``virsh start`` fails with "Failed to
+No systemd here: the daemons are started by hand (docs/platform.md, "Daemons
+and the lab"): ``virtlogd`` first (without it ``virsh start`` fails with "Failed to
 connect socket to '/run/libvirt/virtlogd-sock'"), then ``libvirtd``, both
 ``-d -p PIDFILE`` so we learn their PIDs. The first start after installing (or
 after /dev/kvm changed) takes ~8-12 s because libvirtd probes the QEMU binary;

@@ -13,7 +13,8 @@ PACKAGES=(
   # libvirt-python builds from source against the system libvirt
   libvirt-dev pkg-config gcc python3-dev python3-venv
   # a real libvirtd with QEMU for the truth tests; only the x86 emulator: every
-  # extra emulator makes libvirtd's first capability probe minutes longer (NOTES)
+  # extra emulator makes libvirtd's first capability probe minutes longer
+  # (docs/platform.md)
   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
   qemu-system-x86 qemu-utils seabios ipxe-qemu
   # the truth guest is assembled from source
