@@ -3,12 +3,19 @@
 A topic level must not contain ``/``, ``+`` or ``#``, must not be empty, and a
 level starting with ``$`` is reserved at the start of a topic. Domain names may
 contain all of these, spaces, control characters and any unicode. We escape every
-byte outside ``[A-Za-z0-9._-]`` of the name's UTF-8 form as ``%XX`` (uppercase hex),
+byte outside ``[A-Za-z0-9_-]`` of the name's UTF-8 form as ``%XX`` (uppercase hex),
 like RFC 3986 percent-encoding with a smaller safe set, so that:
 
 - every encoded level is plain ASCII, non-empty and safe in any broker and shell;
 - ``decode_level(encode_level(name)) == name`` for every string;
 - names already in the safe set (most real domain names) read unchanged.
+
+``.`` is escaped too (``%2E``): nats-server 2.9's MQTT listener maps ``/`` to the
+NATS subject separator ``.`` and closes the connection on a PUBLISH whose topic
+holds a ``.`` or a space (docs/scale.md, "nats-server facts"), so an FQDN host id
+or a domain ``web.example.com`` would never be delivered there. Topic contract
+change (docs/topics.md, "Names in topics"): subscribers decode levels with
+``decode_level``/``parse_topic``, never by reading them as names.
 """
 
 from __future__ import annotations
@@ -17,9 +24,9 @@ import functools
 import re
 from dataclasses import dataclass
 
-_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 _ESCAPE = re.compile(r"%([0-9A-F]{2})")
-_VALID_LEVEL = re.compile(r"(?:[A-Za-z0-9._-]|%[0-9A-F]{2})+")
+_VALID_LEVEL = re.compile(r"(?:[A-Za-z0-9_-]|%[0-9A-F]{2})+")
 MAX_TOPIC_BYTES = 65535  # MQTT's UTF-8 string length limit
 
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -34,7 +36,9 @@ HOSTILE = [
 
 
 def _valid_level(level: str) -> bool:
-    return bool(level) and not set(level) & set("/+#\0") and level.isascii()
+    """What every supported broker takes as one level: no MQTT wildcard or separator,
+    and no '.' or space, which nats-server 2.9's MQTT closes the connection on."""
+    return bool(level) and re.fullmatch(r"[A-Za-z0-9_%-]+", level) is not None
 
 
 @given(st.text())
@@ -59,7 +63,36 @@ def test_hostile_names_make_valid_topics_that_parse_back(name: str) -> None:
 
 
 def test_safe_names_read_unchanged() -> None:
-    assert encode_level("web-01.prod_eu") == "web-01.prod_eu"
+    assert encode_level("web-01_prod") == "web-01_prod"
+
+
+@pytest.mark.parametrize(
+    ("name", "level"),
+    [
+        ("web.example.com", "web%2Eexample%2Ecom"),
+        ("node1.example.com.", "node1%2Eexample%2Ecom%2E"),
+        ("web-01.prod_eu", "web-01%2Eprod_eu"),
+        ("my vm", "my%20vm"),
+    ],
+)
+def test_dots_and_spaces_are_escaped_so_nats_server_takes_the_topic(name: str, level: str) -> None:
+    assert encode_level(name) == level
+    assert decode_level(level) == name
+
+
+@pytest.mark.parametrize("level", ["web.example.com", "a.b", "a b"])
+def test_decode_refuses_a_raw_dot_or_space_that_encode_never_writes(level: str) -> None:
+    # An agent before the topic contract change wrote '.' raw; such a level is
+    # refused (a clear TopicError), never read as a second name for the same domain.
+    with pytest.raises(TopicError, match="not an encoded topic level"):
+        decode_level(level)
+
+
+def test_an_fqdn_host_and_a_dotted_domain_make_a_topic_with_no_dot() -> None:
+    topic = Topics(prefix="vcpu", host="node1.example.com").vcpu_transition("web.example.com", 0)
+    assert topic == "vcpu/node1%2Eexample%2Ecom/web%2Eexample%2Ecom/vcpu/0/transition"
+    parsed = parse_topic("vcpu", topic)
+    assert (parsed.host, parsed.domain) == ("node1.example.com", "web.example.com")
 
 
 def test_distinct_names_never_share_a_level() -> None:
