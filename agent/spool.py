@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -126,7 +127,11 @@ class SqliteSpool:
             self._queue = Queue(capacity)
             self._chain: dict[SeqKey, Told] = {}
             self._load()
-            self._probe_write()
+            reset = self._lost_writes()
+            if reset:
+                self._new_epoch()
+            self._probe_write(reset=reset)
+            self._mark_unwritten(False)
         except BaseException:
             self._db.close()
             self._lock.close()
@@ -138,6 +143,7 @@ class SqliteSpool:
         self._meta_dirty = False
         self._retry_at = 0.0
         self._retry_delay = RETRY_MIN
+        self._marked = False  # the lock file's marker says "sent but unwritten"
         self._failing = logs.LastingFault(log, "spool.write_failed")
         self._overflowing = logs.LastingFault(log, "spool.overflow")
         self._closed = False
@@ -145,13 +151,16 @@ class SqliteSpool:
 
     # -- opening ----------------------------------------------------------------------
 
-    def _take_lock(self) -> IO[str]:
+    def _take_lock(self) -> IO[bytes]:
         # One agent per spool: a second one would resend (and ack) the first one's
         # entries and number its own seqs in the same epoch. The lock dies with the
-        # process, SIGKILL included.
+        # process, SIGKILL included. Its first byte is the "unwritten" marker.
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            lock = self.path.with_name(self.path.name + ".lock").open("a")
+            fd = os.open(
+                self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600
+            )
+            lock = os.fdopen(fd, "r+b", buffering=0)
         except OSError as err:
             raise SpoolError(f"cannot open spool {str(self.path)!r}: {err}") from err
         try:
@@ -221,13 +230,52 @@ class SqliteSpool:
             self._queue.entries.popitem(last=False)
             self._dropped += 1
 
-    def _probe_write(self) -> None:
+    def _probe_write(self, *, reset: bool) -> None:
         """Write once at start, so a spool we could never write refuses to start."""
         try:
             with self._transaction():
+                if reset:
+                    self._db.execute("DELETE FROM chain")
                 self._write_meta()
         except sqlite3.Error as err:
             raise SpoolError(f"cannot write spool {str(self.path)!r}: {err}") from err
+
+    # -- the "sent but unwritten" marker ---------------------------------------------------
+    #
+    # While writes fail (a full disk), messages are still delivered from memory. If
+    # the agent then dies, the next run would number new transitions with seqs that
+    # subscribers already received: a silent reuse. So the first failed write sets a
+    # marker, one byte in the lock file overwritten in place (no new block, so it
+    # works on a full disk), and the next successful write clears it. A run that
+    # finds it set starts a new epoch: subscribers see a reset, never a reuse.
+
+    def _lost_writes(self) -> bool:
+        return os.pread(self._lock.fileno(), 1, 0) == b"1"
+
+    def _mark_unwritten(self, flag: bool) -> None:
+        try:
+            os.pwrite(self._lock.fileno(), b"1" if flag else b"0", 0)
+        except OSError as err:
+            if not flag:
+                raise SpoolError(f"cannot write spool lock {str(self.path)!r}: {err}") from err
+            log.error(  # noqa: TRY400 - the reason says it all
+                "spool.mark_failed", path=str(self.path), reason=str(err)
+            )
+            return
+        self._marked = flag
+
+    def _new_epoch(self) -> None:
+        old = self._epoch
+        self._epoch = new_epoch()
+        self._chain.clear()
+        self._dropped = self._gap_reported = 0
+        log.warning(
+            "spool.epoch_reset",
+            path=str(self.path),
+            old=old,
+            new=self._epoch,
+            reason="the last run sent messages it could not write, then stopped",
+        )
 
     # -- the Outbox protocol ------------------------------------------------------------
 
@@ -300,6 +348,8 @@ class SqliteSpool:
             with self._transaction():
                 self._write_journal()
         except sqlite3.Error as err:
+            if not self._marked:
+                self._mark_unwritten(True)
             self._retry_at = now + self._retry_delay
             self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
             self._failing.hit(
@@ -312,6 +362,8 @@ class SqliteSpool:
         self._puts, self._deletes, self._told = {}, set(), {}
         self._meta_dirty = False
         self._retry_delay = RETRY_MIN
+        if self._marked:
+            self._mark_unwritten(False)
         self._failing.clear(path=str(self.path))
         self.commits += 1
         return True

@@ -232,3 +232,53 @@ def test_a_disk_that_fills_while_running_keeps_events_in_memory_and_writes_them_
         spool.close()
     with opened(path, 1000) as again:
         assert len(again) == 101
+
+
+def test_a_run_killed_while_its_disk_was_full_makes_the_next_run_start_a_new_epoch(
+    small_fs: Path,
+) -> None:
+    # Messages sent while the disk was full were never written: had the next run
+    # kept the epoch, it would give new transitions the seqs subscribers already hold.
+    path = small_fs / "s.sqlite3"
+    code = (
+        "import contextlib, os, sys\n"
+        "from agent.delivery import Message, Told\n"
+        "from agent.spool import SqliteSpool\n"
+        f"s = SqliteSpool({str(path)!r}, 1000)\n"
+        "s.put(Message('t', b'x', 1, False), (('u', 0), Told(1, 'halted', 1.0)))\n"
+        "assert s.flush()\n"
+        "print(s.epoch, flush=True)\n"
+        f"with contextlib.suppress(OSError), open({str(small_fs / 'filler')!r}, 'wb', 0) as f:\n"
+        "    while True: f.write(bytes(4096))\n"
+        "s.put(Message('t', b'y' * 2000, 1, False), (('u', 0), Told(2, 'running', 2.0)))\n"
+        "assert not s.flush()  # what the publisher then sends is not on disk\n"
+        "os._exit(0)\n"  # killed before the disk had room again
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    first_epoch = out.stdout.splitlines()[0]  # then its (unconfigured) log lines
+    (small_fs / "filler").unlink()
+    with capture_logs() as logs, opened(path, 1000) as spool:
+        assert spool.epoch != first_epoch
+        assert spool.chain() == {}  # seqs start at 1 in the new epoch
+        assert [m for _, m in spool.pending(0, 10)] == [Message("t", b"x", 1, False)]
+    assert [e["old"] for e in logs if e["event"] == "spool.epoch_reset"] == [first_epoch]
+    with opened(path, 1000) as again:  # the marker was cleared: no second reset
+        assert again.epoch == spool.epoch
+
+
+def test_a_run_killed_with_everything_written_keeps_its_epoch(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    code = (
+        "import os\n"
+        "from agent.spool import SqliteSpool\n"
+        f"s = SqliteSpool({str(path)!r}, 10)\n"
+        "print(s.epoch, flush=True)\n"
+        "os._exit(0)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    with opened(path) as spool:
+        assert spool.epoch == out.stdout.strip()
