@@ -11,8 +11,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.config import DEFAULT_PATH, Config
+
+if TYPE_CHECKING:
+    from agent.client import Selection
 
 COMMANDS = ("watch", "react", "metrics")
 EX_USAGE = 64
@@ -50,6 +54,39 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         type=float,
         default=10.0,
         help="--once: seconds to wait for the complete tree at most (default 10)",
+    )
+    _add_react(sub)
+
+
+def _add_react(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    react = sub.add_parser(
+        "react",
+        help="run a command once per vCPU transition",
+        description="Run a command once per matching transition: the event in VCPU_* "
+        "variables and as JSON on stdin; exactly once across redeliveries and restarts.",
+    )
+    _common(react)
+    react.add_argument("--exec", required=True, metavar="CMD", help="the command (shell words)")
+    react.add_argument(
+        "--match",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="host=GLOB, domain=GLOB, vcpu=N[,N], from=S[,S], to=S[,S], resync=true|false "
+        "(repeatable; all must hold)",
+    )
+    react.add_argument("--timeout", type=float, default=60.0, help="seconds per run (60)")
+    react.add_argument("--concurrency", type=int, default=4, help="runs at once at most (4)")
+    react.add_argument("--retries", type=int, default=2, help="reruns of a failed run (2)")
+    react.add_argument(
+        "--retry-delay", type=float, default=1.0, help="seconds before the first retry (1)"
+    )
+    react.add_argument(
+        "--ledger",
+        type=Path,
+        default=None,
+        help="SQLite ledger (default: $STATE_DIRECTORY or /var/lib/vcpu-react, "
+        "<client-id>.sqlite3)",
     )
 
 
@@ -89,4 +126,62 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
             return 0
         finally:
             sub.close()
+    logs.configure(level=cfg.log.level, fmt=cfg.log.format)
+    if args.command == "react":
+        return _react(args, cfg, selection)
     raise AssertionError(f"not a subscriber command: {args.command}")  # pragma: no cover
+
+
+def _react(args: argparse.Namespace, cfg: Config, selection: Selection) -> int:
+    import asyncio  # noqa: PLC0415
+    import shlex  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+
+    from agent.client import ClientError, Subscriber, default_client_id  # noqa: PLC0415
+    from agent.ledger import Ledger  # noqa: PLC0415
+    from agent.react import Match, MatchError, Policy, Reactor  # noqa: PLC0415
+
+    try:
+        match = Match.parse(args.match)
+        command = tuple(shlex.split(args.exec))
+    except (MatchError, ValueError) as err:
+        print(f"vcpu-agent react: {err}", file=sys.stderr)
+        return EX_USAGE
+    if not command:
+        print("vcpu-agent react: --exec is empty", file=sys.stderr)
+        return EX_USAGE
+    client_id = args.client_id or default_client_id("react", args.config, args.exec)
+    ledger_path = args.ledger or state_directory() / f"{client_id}.sqlite3"
+    ledger = Ledger(ledger_path)
+    policy = Policy(
+        command=command,
+        timeout=args.timeout,
+        concurrency=args.concurrency,
+        retries=args.retries,
+        retry_delay=args.retry_delay,
+    )
+    sub = Subscriber(cfg.mqtt, client_id=client_id, selection=selection, qos=1, ledger=ledger)
+    try:
+        sub.connect(timeout=max(10.0, cfg.mqtt.keepalive))
+    except ClientError as err:
+        print(f"vcpu-agent react: {err}", file=sys.stderr)
+        return EX_UNAVAILABLE
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await Reactor(sub, ledger, match, policy).run(stop)
+
+    try:
+        asyncio.run(main())
+    finally:
+        sub.close()
+    return 0
+
+
+def state_directory() -> Path:
+    """systemd's StateDirectory= (the first, if several), else /var/lib/vcpu-react."""
+    given = os.environ.get("STATE_DIRECTORY", "")
+    return Path(given.split(":")[0] if given else "/var/lib/vcpu-react")
