@@ -56,6 +56,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="--once: seconds to wait for the complete tree at most (default 10)",
     )
     _add_react(sub)
+    _add_metrics(sub)
 
 
 def _add_react(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -87,6 +88,19 @@ def _add_react(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=None,
         help="SQLite ledger (default: $STATE_DIRECTORY or /var/lib/vcpu-react, "
         "<client-id>.sqlite3)",
+    )
+
+
+def _add_metrics(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    metrics = sub.add_parser(
+        "metrics",
+        help="serve Prometheus metrics of what the agents publish",
+        description="Serve /metrics: vCPU states, transitions, seconds per state, "
+        "host online, last event age, gaps.",
+    )
+    _common(metrics)
+    metrics.add_argument(
+        "--listen", default="127.0.0.1:9847", metavar="ADDRESS:PORT", help="(127.0.0.1:9847)"
     )
 
 
@@ -129,6 +143,8 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     logs.configure(level=cfg.log.level, fmt=cfg.log.format)
     if args.command == "react":
         return _react(args, cfg, selection)
+    if args.command == "metrics":
+        return _metrics(args, cfg, selection)
     raise AssertionError(f"not a subscriber command: {args.command}")  # pragma: no cover
 
 
@@ -176,6 +192,43 @@ def _react(args: argparse.Namespace, cfg: Config, selection: Selection) -> int:
 
     try:
         asyncio.run(main())
+    finally:
+        sub.close()
+    return 0
+
+
+def _metrics(args: argparse.Namespace, cfg: Config, selection: Selection) -> int:
+    from prometheus_client import start_http_server  # noqa: PLC0415
+
+    from agent import logs  # noqa: PLC0415
+    from agent.client import ClientError, Subscriber, default_client_id  # noqa: PLC0415
+    from agent.metrics import Bridge, parse_listen  # noqa: PLC0415
+
+    try:
+        address, port = parse_listen(args.listen)
+    except ValueError as err:
+        print(f"vcpu-agent metrics: {err}", file=sys.stderr)
+        return EX_USAGE
+    bridge = Bridge()
+    client_id = args.client_id or default_client_id("metrics", args.config, args.listen)
+    sub = Subscriber(cfg.mqtt, client_id=client_id, selection=selection, qos=1)
+    try:
+        sub.connect(timeout=max(10.0, cfg.mqtt.keepalive))
+    except ClientError as err:
+        print(f"vcpu-agent metrics: {err}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    try:
+        start_http_server(port, addr=address, registry=bridge.registry)
+    except OSError as err:
+        print(f"vcpu-agent metrics: cannot listen on {args.listen}: {err}", file=sys.stderr)
+        sub.close()
+        return EX_UNAVAILABLE
+    logs.get("agent.metrics").info("metrics.listening", address=address, port=port)
+    try:
+        for event in sub:
+            bridge.apply(event)
+    except KeyboardInterrupt:
+        pass
     finally:
         sub.close()
     return 0
