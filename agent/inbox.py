@@ -10,6 +10,8 @@ stable ``reason`` that subscribers count and log.
 
 from __future__ import annotations
 
+import functools
+
 from agent.chain import BadMessage, DomainCleared, VcpuCleared
 from agent.payloads import (
     DomainStatePayload,
@@ -49,9 +51,14 @@ def _reason(err: PayloadError) -> str:
     return "field"
 
 
+# A host's topics repeat with every message (one per vCPU): parse each once.
+# Errors are not cached (lru_cache does not keep exceptions), valid topics are.
+_parse = functools.lru_cache(maxsize=65536)(parse_topic)
+
+
 def read(prefix: str, topic: str, payload: bytes, *, max_bytes: int = MAX_BYTES) -> Item:
     try:
-        where = parse_topic(prefix, topic)
+        where = _parse(prefix, topic)
     except TopicError as err:
         return BadMessage(topic=topic, reason="topic", detail=str(err))
     if not payload:
