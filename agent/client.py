@@ -229,8 +229,10 @@ class Subscriber:
         """Commit and acknowledge what was committed, then disconnect."""
         with contextlib.suppress(Exception):
             self.flush()
-        self._client.disconnect()
+        # Stop paho's thread first: disconnect() then writes the queued acks and the
+        # DISCONNECT itself, and no loop trips over the closed socket.
         self._client.loop_stop()
+        self._client.disconnect()
         if self.ledger is not None:
             self.ledger.close()
 
