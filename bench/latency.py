@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, str], Summary]:
         conn = libvirt.open(daemon.uri)
         prefix, host_id = f"bench-{os.getpid()}", "bench"
         feed = Feed(port=broker.port, prefix=prefix)
-        agent = AgentProcess(
+        agent = AgentProcess.lab(
             workdir=workdir / "agent",
             broker_port=broker.port,
             prefix=prefix,
@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, str], Summary]:
                 end_wall = markers[-1].t_wall  # judge closed phases only
                 verdict = judge(markers, feed.transitions(guest.name, 0), end_wall=end_wall)
                 parked = [s for s in feed.transitions(guest.name, 1) if s.at >= markers[0].t_wall]
-                domains = {a.where.domain for a in feed.snapshot() if a.where.domain}
+                domains = {a.where.domain for a in feed.snapshot() if a.where and a.where.domain}
             finally:
                 conn = revive(pool, conn)
                 pool.close()

@@ -105,7 +105,7 @@ class Demo:
         host_id = "demo"
         feed = Feed(port=port, prefix=prefix, on_arrival=self._show)
         self._stack.callback(feed.close)
-        self.agent = AgentProcess(
+        self.agent = AgentProcess.lab(
             workdir=self.workdir / "agent",
             broker_port=port,
             prefix=prefix,

@@ -1,12 +1,14 @@
-"""The pieces a real-guest run is made of: the agent as a subprocess, a decoding
-subscriber, and the referee that lines transitions up with the guest's markers.
+"""The one test rig: the config writer, the agent as a process, the subscriber,
+and the referee that lines transitions up with a guest's markers.
 
-Used by the demo (``lab/demo.py``), the end-to-end tests (``tests/e2e``), the
-libvirt fault tests (``tests/faults``) and the latency benchmark
-(``bench/latency.py``):
+Used by every suite (``tests/``), the demo (``lab/demo.py``) and the benchmarks:
 
-- ``AgentProcess``: the real ``vcpu-agent run`` with a temp config and spool;
-- ``Feed``: a paho subscriber on ``<prefix>/#`` that decodes every message;
+- ``write_config`` / ``config_document``: an agent config for a loopback broker;
+- ``AgentProcess``: the real ``vcpu-agent run`` (or a harness around the same
+  entry point), by PID, with its JSON log lines;
+- ``Feed``: a paho subscriber that records and decodes every message, plain or
+  with a persistent session, and waits on arrivals, never on a fixed sleep;
+- ``retained``: what a new subscriber gets as retained messages;
 - ``judge``: transitions against the markers (matched, missed, false).
 """
 
@@ -15,30 +17,103 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from signal import SIGTERM
 
 import libvirt
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.payloads import Payload, PayloadError, Status, Transition, decode, parse_rfc3339
 from agent.topics import ParsedTopic, TopicError, encode_level, parse_topic
 from lab.domains import GuestPool
 from lab.truth import Marker, Phase
 
+ROOT = Path(__file__).resolve().parents[1]
 URI = "qemu:///system"
 STATE_OF_PHASE: dict[Phase, str] = {"busy": "running", "halted": "halted"}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-# --- the agent as a subprocess -----------------------------------------------------
+# --- the one config writer ----------------------------------------------------------
+
+
+def config_document(
+    *,
+    port: int,
+    prefix: str,
+    host_id: str,
+    uri: str = URI,
+    interval: float = 0.25,
+    spool_path: Path | str = "",
+    fast: bool = True,
+    **sections: Mapping[str, object],
+) -> dict[str, dict[str, object]]:
+    """An agent config as TOML's dict: loopback broker, JSON logs, a spool of its
+    own (the default path is shared by every agent on the host); ``fast``: short
+    reconnect backoffs for fault tests. ``sections`` override key by key."""
+    doc: dict[str, dict[str, object]] = {
+        "agent": {"host_id": host_id},
+        "libvirt": {"uri": uri},
+        "sampling": {"interval": interval},
+        "mqtt": {"host": "127.0.0.1", "port": port, "topic_prefix": prefix},
+        "spool": {"path": str(spool_path)},
+        "log": {"format": "json", "level": "info"},
+    }
+    if fast:
+        doc["libvirt"] |= {"reconnect_min": 0.1, "reconnect_max": 0.5}
+        doc["mqtt"] |= {
+            "keepalive": 5,
+            "reconnect_min": 0.05,
+            "reconnect_max": 0.3,
+            "client_id": f"agent-{uuid.uuid4().hex[:8]}",
+        }
+    for name, values in sections.items():
+        doc.setdefault(name, {}).update(values)
+    return doc
+
+
+def write_config(
+    path: Path,
+    *,
+    port: int,
+    prefix: str,
+    host_id: str,
+    uri: str = URI,
+    interval: float = 0.25,
+    spool_path: Path | str = "",
+    fast: bool = True,
+    **sections: Mapping[str, object],
+) -> Path:
+    """``config_document(...)`` written as a TOML file at ``path``."""
+    doc = config_document(
+        port=port,
+        prefix=prefix,
+        host_id=host_id,
+        uri=uri,
+        interval=interval,
+        spool_path=spool_path,
+        fast=fast,
+        **sections,
+    )
+    lines = []
+    for name, values in doc.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{key} = {json.dumps(value)}" for key, value in values.items())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# --- the one agent-process runner --------------------------------------------------
 
 
 def agent_command() -> list[str]:
@@ -50,14 +125,33 @@ def agent_command() -> list[str]:
 
 
 class AgentProcess:
-    """``vcpu-agent run --config FILE`` against ``uri`` and a broker on loopback.
+    """A real agent process, by PID: ``vcpu-agent run --config FILE`` by default,
+    or any ``argv`` (a harness module around the same entry point).
 
-    The agent runs in its own session, so a terminal's Ctrl-C reaches only the
-    demo, which then stops the agent with SIGTERM (its clean-stop signal).
+    It runs in its own session, so a terminal's Ctrl-C reaches only the demo,
+    which then stops it with SIGTERM (its clean-stop signal). Output (JSON log
+    lines) goes to ``log_path``.
     """
 
     def __init__(
         self,
+        config: Path | None = None,
+        *,
+        log_path: Path | None = None,
+        argv: Sequence[str] | None = None,
+        host_id: str = "",
+    ) -> None:
+        if config is None and (argv is None or log_path is None):
+            raise ValueError("an AgentProcess needs a config, or an argv and a log path")
+        self.config_path = config
+        self.log_path = log_path or Path(f"{config}.log")
+        self.argv = list(argv) if argv is not None else [*agent_command(), "run", "--config"]
+        self.host_id = host_id
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def lab(
+        cls,
         *,
         workdir: Path,
         broker_port: int,
@@ -66,26 +160,22 @@ class AgentProcess:
         interval: float,
         uri: str = URI,
         log_level: str = "info",
-        libvirt_keys: dict[str, float] | None = None,
-    ) -> None:
-        self.workdir = workdir
-        self.config_path = workdir / "agent.toml"
-        self.log_path = workdir / "agent.log"
-        self.prefix = prefix
-        self.host_id = host_id
-        self.interval = interval
-        self._config = (
-            f'[agent]\nhost_id = "{host_id}"\n\n'
-            f'[libvirt]\nuri = "{uri}"\n'
-            + "".join(f"{k} = {v}\n" for k, v in (libvirt_keys or {}).items())
-            + "\n"
-            f"[sampling]\ninterval = {interval}\n\n"
-            f'[mqtt]\nhost = "127.0.0.1"\nport = {broker_port}\ntopic_prefix = "{prefix}"\n\n'
-            # A spool of its own: the default path is shared by every agent on the host.
-            f'[spool]\npath = "{workdir / "spool.sqlite3"}"\n\n'
-            f'[log]\nformat = "json"\nlevel = "{log_level}"\n'
+        libvirt_keys: Mapping[str, float] | None = None,
+    ) -> AgentProcess:
+        """The agent of a real-guest run: production timings but for ``interval``."""
+        config = write_config(
+            workdir / "agent.toml",
+            port=broker_port,
+            prefix=prefix,
+            host_id=host_id,
+            uri=uri,
+            interval=interval,
+            spool_path=workdir / "spool.sqlite3",
+            fast=False,
+            libvirt=dict(libvirt_keys or {}),
+            log={"level": log_level},
         )
-        self.proc: subprocess.Popen[bytes] | None = None
+        return cls(config, log_path=workdir / "agent.log", host_id=host_id)
 
     @property
     def pid(self) -> int:
@@ -93,17 +183,20 @@ class AgentProcess:
             raise RuntimeError("agent not started")
         return self.proc.pid
 
-    def start(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(self._config)
+    def start(self) -> AgentProcess:
+        argv = self.argv
+        if argv[-1] == "--config":
+            argv = [*argv, str(self.config_path)]
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [*agent_command(), "run", "--config", str(self.config_path)],
+                argv,
+                cwd=ROOT,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        return self
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -114,14 +207,23 @@ class AgentProcess:
         fields = raw[raw.rindex(")") + 2 :].split()
         return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
-    def stop(self, timeout: float = 15.0) -> int:
-        """SIGTERM by PID and wait; SIGKILL after ``timeout``. Returns the exit status."""
+    def signal(self, sig: int) -> None:
+        if self.running():
+            os.kill(self.pid, sig)
+
+    def wait(self, timeout: float) -> int:
+        if self.proc is None:
+            raise RuntimeError("agent not started")
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self, timeout: float = 15.0, sig: int = SIGTERM) -> int:
+        """``sig`` (SIGTERM) by PID and wait; SIGKILL after ``timeout``. Exit status."""
         proc = self.proc
         if proc is None:
             raise RuntimeError("agent not started")
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGTERM)
+                os.kill(proc.pid, sig)
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -132,41 +234,65 @@ class AgentProcess:
     def log_events(self) -> list[dict[str, object]]:
         """The agent's JSON log lines so far, parsed (other lines skipped)."""
         out = []
-        for line in self.log_path.read_text().splitlines():
-            with contextlib.suppress(ValueError):
-                out.append(json.loads(line))
+        with contextlib.suppress(FileNotFoundError):
+            for line in self.log_path.read_text(errors="replace").splitlines():
+                with contextlib.suppress(ValueError):
+                    event = json.loads(line)
+                    if isinstance(event, dict):
+                        out.append(event)
         return out
 
-    def wait_log(self, event: str, timeout: float) -> dict[str, object]:
-        """The first log line with this event name, waiting up to ``timeout``."""
+    def events(self, name: str) -> list[dict[str, object]]:
+        return [e for e in self.log_events() if e.get("event") == name]
+
+    def wait_log(self, event: str, timeout: float = 15.0, count: int = 1) -> dict[str, object]:
+        """The ``count``-th log line with this event name, waiting up to ``timeout``.
+
+        Fails at once, with the log, if the agent exits first.
+        """
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for e in self.log_events():
-                if e.get("event") == event:
-                    return e
-            time.sleep(0.1)
-        raise TimeoutError(f"no {event} in the agent log:\n{self.log_tail()}")
+        while True:
+            found = self.events(event)
+            if len(found) >= count:
+                return found[count - 1]
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(
+                    f"agent exited {self.proc.returncode} before {event}:\n{self.log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {event} in the agent log:\n{self.log_tail()}")
+            time.sleep(0.05)
 
     def log_tail(self, lines: int = 40) -> str:
         try:
-            return "\n".join(self.log_path.read_text().splitlines()[-lines:])
+            return "\n".join(self.raw().splitlines()[-lines:])
         except OSError:
             return "(no agent log)"
 
+    def raw(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
-# --- what a subscriber sees --------------------------------------------------------
+
+# --- the one subscriber ------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class Arrival:
-    """One message as it reached our subscriber; ``body`` is None for a clear."""
+    """One message as it reached our subscriber, decoded when it is ours.
+
+    ``body`` is None for a clear (empty payload) or for anything that is not a
+    vcpu-agent topic and body (then ``error`` says why).
+    """
 
     topic: str
-    where: ParsedTopic
-    body: Payload | None
+    payload: bytes
+    qos: int
     retain: bool
+    where: ParsedTopic | None
+    body: Payload | None
     wall: float  # time.time() on arrival: comparable with Marker.t_wall
     mono: float
+    error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,10 +314,13 @@ class Seen:
 
 
 class Feed:
-    """A real paho subscriber (own thread) on ``<prefix>/#``, decoding as it goes.
+    """A real paho subscriber (its own thread) recording and decoding what arrives.
 
-    Anything under the prefix that is not a vcpu-agent topic or body is an error
-    kept in ``errors``: tests assert it stays empty.
+    Plain (MQTT 5, a clean session, Retain As Published so the retain flag reads
+    as the publisher set it) or ``persistent`` (MQTT 3.1.1, clean_session off,
+    QoS 1, a stable client id, reconnecting by itself: a broker with persistence
+    queues what it misses while away, across a broker restart). Anything under
+    ``prefix`` that is not a vcpu-agent topic or body is kept in ``errors``.
     """
 
     def __init__(
@@ -200,38 +329,67 @@ class Feed:
         port: int,
         prefix: str,
         topic: str | None = None,
+        persistent: bool = False,
+        client_id: str | None = None,
+        auth: tuple[str, str] | None = None,
         on_arrival: Callable[[Arrival], None] | None = None,
     ) -> None:
         self.prefix = prefix
+        self.topic = topic or f"{prefix}/#"
         self.arrivals: list[Arrival] = []
         self.errors: list[str] = []
+        self.connects = 0
         self._on_arrival = on_arrival
+        self._persistent = persistent
         self._cond = threading.Condition()
-        subscribed = threading.Event()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+        self._subscribed = threading.Event()
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"feed-{uuid.uuid4().hex[:8]}",
+            protocol=MQTTProtocolVersion.MQTTv311 if persistent else MQTTProtocolVersion.MQTTv5,
+            clean_session=False if persistent else None,
+        )
+        self.client.reconnect_delay_set(1, 1)
+        if auth is not None:
+            self.client.username_pw_set(*auth)
         self.client.on_message = self._on_message
-        self.client.on_subscribe = lambda *_a: subscribed.set()
-        self.client.connect("127.0.0.1", port, keepalive=30)
-        self.client.subscribe(topic or f"{prefix}/#", qos=1)
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = lambda *_a: self._subscribed.set()
+        self.client.connect("127.0.0.1", port, keepalive=10)
         self.client.loop_start()
-        if not subscribed.wait(10):
+        if not self._subscribed.wait(10):
             self.close()
             raise RuntimeError("MQTT subscribe not acknowledged within 10 s")
 
+    def _on_connect(self, c: paho.Client, _u: object, _f: object, _rc: object, _p: object) -> None:
+        if self._persistent:
+            c.subscribe(self.topic, qos=1)
+        else:
+            c.subscribe(self.topic, options=SubscribeOptions(qos=1, retainAsPublished=True))
+        with self._cond:
+            self.connects += 1
+            self._cond.notify_all()
+
     def _on_message(self, _c: object, _u: object, msg: paho.MQTTMessage) -> None:
         wall, mono = time.time(), time.monotonic()
+        payload = bytes(msg.payload)
+        where: ParsedTopic | None = None
+        body: Payload | None = None
+        error = None
         try:
             where = parse_topic(self.prefix, msg.topic)
-            body = decode(bytes(msg.payload)) if msg.payload else None
+            body = decode(payload) if payload else None
         except (TopicError, PayloadError) as err:
-            with self._cond:
-                self.errors.append(f"{msg.topic}: {err}")
-            return
-        arrival = Arrival(msg.topic, where, body, bool(msg.retain), wall, mono)
+            error = f"{msg.topic}: {err}"
+        arrival = Arrival(
+            msg.topic, payload, msg.qos, bool(msg.retain), where, body, wall, mono, error
+        )
         with self._cond:
             self.arrivals.append(arrival)
+            if error is not None:
+                self.errors.append(error)
             self._cond.notify_all()
-        if self._on_arrival is not None:
+        if self._on_arrival is not None and error is None:
             self._on_arrival(arrival)
 
     def snapshot(self) -> list[Arrival]:
@@ -251,20 +409,50 @@ class Feed:
             out.append(Seen(a, body, parse_rfc3339(body.at), parse_rfc3339(body.changed_at)))
         return out
 
-    def wait_for(
-        self, predicate: Callable[[Arrival], bool], *, timeout: float, what: str = "a message"
-    ) -> Arrival:
-        """The first arrival (past or future) matching ``predicate``."""
+    def wait(self, condition: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
+        """Until ``condition()`` holds (checked on every arrival and connect)."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while True:
-                for a in self.arrivals:
-                    if predicate(a):
-                        return a
+            while not condition():
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"no {what} within {timeout} s")
-                self._cond.wait(left)
+                    recent = "\n".join(
+                        f"  {a.topic} {a.payload[:160]!r}" for a in self.arrivals[-20:]
+                    )
+                    raise AssertionError(
+                        f"timed out waiting for {what or 'a condition'}; "
+                        f"{len(self.arrivals)} messages, the last:\n{recent}"
+                    )
+                self._cond.wait(min(left, 0.5))
+
+    def wait_all(
+        self,
+        predicate: Callable[[Arrival], bool],
+        *,
+        timeout: float = 15.0,
+        count: int = 1,
+        what: str = "a message",
+    ) -> list[Arrival]:
+        """The first ``count`` arrivals (past or future) matching ``predicate``."""
+        found: list[Arrival] = []
+
+        def enough() -> bool:
+            found[:] = [a for a in self.arrivals if predicate(a)]
+            return len(found) >= count
+
+        self.wait(enough, timeout, what)
+        return found[:count]
+
+    def wait_for(
+        self,
+        predicate: Callable[[Arrival], bool],
+        *,
+        timeout: float = 15.0,
+        count: int = 1,
+        what: str = "a message",
+    ) -> Arrival:
+        """The ``count``-th arrival (past or future) matching ``predicate``."""
+        return self.wait_all(predicate, timeout=timeout, count=count, what=what)[-1]
 
     def wait_online(self, host_id: str, timeout: float = 30.0) -> Arrival:
         def online(a: Arrival) -> bool:
@@ -277,40 +465,30 @@ class Feed:
         return self.wait_for(online, timeout=timeout, what=f"status online from {host_id}")
 
     def close(self) -> None:
-        self.client.loop_stop()
         self.client.disconnect()
+        self.client.loop_stop()
+        sock = self.client.socket()
+        if sock is not None:  # a broker that died under us leaves it open
+            sock.close()
 
 
-def retained(port: int, topic_filter: str, *, settle: float = 1.0) -> dict[str, bytes]:
+def retained(port: int, prefix: str, topic_filter: str) -> dict[str, bytes]:
     """What a brand-new subscriber gets as retained messages on ``topic_filter``.
 
-    The broker sends retained messages right after SUBACK; ``settle`` is how long
-    we keep listening for them.
+    No settling sleep: the broker sends retained messages right after SUBACK, on
+    this connection, before anything published later; so after subscribing we
+    publish a marker to a topic under the filter's prefix and wait for it.
     """
-    found: dict[str, bytes] = {}
-    lock = threading.Lock()
-    subscribed = threading.Event()
-
-    def on_message(_c: object, _u: object, msg: paho.MQTTMessage) -> None:
-        if msg.retain:
-            with lock:
-                found[msg.topic] = bytes(msg.payload)
-
-    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
-    client.on_message = on_message
-    client.on_subscribe = lambda *_a: subscribed.set()
-    client.connect("127.0.0.1", port, keepalive=30)
-    client.subscribe(topic_filter, qos=1)
-    client.loop_start()
+    feed = Feed(port=port, prefix=prefix, topic=topic_filter)
     try:
-        if not subscribed.wait(10):
-            raise RuntimeError("MQTT subscribe not acknowledged within 10 s")
-        time.sleep(settle)
+        marker = f"{prefix}/rig-marker-{uuid.uuid4().hex[:8]}"
+        feed.client.subscribe(marker, qos=1)
+        feed.wait(lambda: feed.connects > 0, 5, "connect")
+        feed.client.publish(marker, b"marker", qos=1)
+        feed.wait_for(lambda a: a.topic == marker, timeout=10, what="the marker")
+        return {a.topic: a.payload for a in feed.snapshot() if a.retain and a.topic != marker}
     finally:
-        client.loop_stop()
-        client.disconnect()
-    with lock:
-        return dict(found)
+        feed.close()
 
 
 def revive(pool: GuestPool, conn: libvirt.virConnect, uri: str = URI) -> libvirt.virConnect:

@@ -1,25 +1,20 @@
-"""Shared fixtures: a real mosquitto and a real MQTT subscriber; the CI skip rule."""
+"""Shared fixtures: real mosquittos, the rig's subscribers (lab/rig.py), the
+in-process agent, the CI skip rule."""
 
 from __future__ import annotations
 
 import os
 import tempfile
-import threading
-import time
 import uuid
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.config import Config
 from lab.libvirtd import Libvirtd
 from lab.mosquitto import Mosquitto
-from tests.reliability.fault_harness import PersistentSubscriber
+from lab.rig import Feed
 from tests.testdriver import RunningAgent, start_agent
 
 
@@ -81,11 +76,13 @@ def make_broker() -> Iterator[Callable[..., Mosquitto]]:
 
 
 @pytest.fixture
-def make_subscriber() -> Iterator[Callable[..., PersistentSubscriber]]:
-    subs: list[PersistentSubscriber] = []
+def make_subscriber() -> Iterator[Callable[..., Feed]]:
+    """The rig's subscriber with a persistent session (survives broker restarts)."""
+    subs: list[Feed] = []
 
-    def make(port: int, topic: str, auth: tuple[str, str] | None = None) -> PersistentSubscriber:
-        sub = PersistentSubscriber(port, topic, auth=auth)
+    def make(port: int, topic: str, auth: tuple[str, str] | None = None) -> Feed:
+        prefix = topic.split("/", 1)[0]
+        sub = Feed(port=port, prefix=prefix, topic=topic, persistent=True, auth=auth)
         subs.append(sub)
         return sub
 
@@ -100,71 +97,13 @@ def prefix() -> str:
     return f"test-{uuid.uuid4().hex[:10]}"
 
 
-@dataclass(frozen=True)
-class Received:
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    at: float
-
-
-class Subscriber:
-    """A real paho client on its own thread, recording everything it receives."""
-
-    def __init__(self, port: int, topic: str) -> None:
-        self.messages: list[Received] = []
-        self._lock = threading.Condition()
-        self._subscribed = threading.Event()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
-        self.client.on_message = self._on_message
-        self.client.on_subscribe = lambda *_a: self._subscribed.set()
-        self.client.connect("127.0.0.1", port, keepalive=30)
-        # Retain As Published: see the retain flag as the publisher set it, even for
-        # messages published while we are subscribed (MQTT 5, 3.8.3.1).
-        self.client.subscribe(topic, options=SubscribeOptions(qos=1, retainAsPublished=True))
-        self.client.loop_start()
-        if not self._subscribed.wait(5):
-            raise RuntimeError("subscribe not acknowledged")
-
-    def _on_message(self, _c: object, _u: object, msg: paho.MQTTMessage) -> None:
-        with self._lock:
-            self.messages.append(
-                Received(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain), time.monotonic())
-            )
-            self._lock.notify_all()
-
-    def wait_for(
-        self, predicate: Callable[[Received], bool], *, timeout: float = 15.0, count: int = 1
-    ) -> list[Received]:
-        """Wait until ``count`` received messages satisfy ``predicate``; return them."""
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            while True:
-                found = [m for m in self.messages if predicate(m)]
-                if len(found) >= count:
-                    return found
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    seen = "\n".join(f"  {m.topic} {m.payload[:200]!r}" for m in self.messages)
-                    raise AssertionError(f"timed out waiting; received:\n{seen}")
-                self._lock.wait(left)
-
-    def topics(self) -> list[str]:
-        with self._lock:
-            return [m.topic for m in self.messages]
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
-
-
 @pytest.fixture
-def subscribe(broker: Mosquitto) -> Iterator[Callable[[str], Subscriber]]:
-    subs: list[Subscriber] = []
+def subscribe(broker: Mosquitto) -> Iterator[Callable[[str], Feed]]:
+    """The rig's subscriber (MQTT 5, a clean session) on a topic filter."""
+    subs: list[Feed] = []
 
-    def make(topic: str) -> Subscriber:
-        sub = Subscriber(broker.port, topic)
+    def make(topic: str) -> Feed:
+        sub = Feed(port=broker.port, prefix=topic.split("/", 1)[0], topic=topic)
         subs.append(sub)
         return sub
 

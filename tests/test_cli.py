@@ -19,7 +19,7 @@ from agent.cli import EX_CANTCREAT, EX_INTERRUPTED, EX_IOERR
 from agent.config import EX_CONFIG
 from agent.payloads import DomainStatePayload, VcpuStatePayload, decode
 from lab.mosquitto import Mosquitto
-from tests.conftest import Subscriber
+from lab.rig import Feed
 
 pytestmark = pytest.mark.mqtt
 AGENT = [sys.executable, "-m", "agent"]
@@ -86,7 +86,7 @@ def test_run_notifies_ready_after_the_first_sample_and_feeds_the_watchdog(
     prefix: str,
     notify_socket: socket.socket,
     agent_process: Callable[..., subprocess.Popen[bytes]],
-    subscribe: Callable[[str], Subscriber],
+    subscribe: Callable[[str], Feed],
 ) -> None:
     sub = subscribe(f"{prefix}/#")
     proc = agent_process(
@@ -94,14 +94,14 @@ def test_run_notifies_ready_after_the_first_sample_and_feeds_the_watchdog(
     )
     seen = notifications_until(notify_socket, "READY=1")
     # Every vCPU state is published by the time READY is sent.
-    sub.wait_for(lambda m: m.topic.endswith("/vcpu/1/state"), timeout=5)
+    sub.wait_all(lambda m: m.topic.endswith("/vcpu/1/state"), timeout=5)
     assert any("WATCHDOG=1" in s for s in seen)  # the first completed sample pings
     notifications_until(notify_socket, "WATCHDOG=1")  # and the next ones too
 
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=5) == 0
     notifications_until(notify_socket, "STOPPING=1")
-    last = sub.wait_for(lambda m: m.topic == f"{prefix}/clihost/status", count=2)[-1]
+    last = sub.wait_all(lambda m: m.topic == f"{prefix}/clihost/status", count=2)[-1]
     assert json.loads(last.payload)["status"] == "offline"
     assert last.retain
     lines = [json.loads(line) for line in (tmp_path / "agent.log").read_text().splitlines()]
@@ -122,15 +122,15 @@ def test_the_last_will_says_offline_when_the_agent_is_killed(
     broker: Mosquitto,
     prefix: str,
     agent_process: Callable[..., subprocess.Popen[bytes]],
-    subscribe: Callable[[str], Subscriber],
+    subscribe: Callable[[str], Feed],
 ) -> None:
     sub = subscribe(f"{prefix}/clihost/status")
     proc = agent_process(write_config(tmp_path, broker, prefix))
-    [online] = sub.wait_for(lambda m: True)
+    [online] = sub.wait_all(lambda m: True)
     assert json.loads(online.payload)["status"] == "online"
     proc.kill()  # SIGKILL: no goodbye, the broker speaks the will
     proc.wait()
-    [_, will] = sub.wait_for(lambda m: True, count=2)
+    [_, will] = sub.wait_all(lambda m: True, count=2)
     assert json.loads(will.payload)["status"] == "offline"
     assert will.retain
 

@@ -10,7 +10,7 @@ import pytest
 
 from agent.payloads import Gap, decode
 from lab.mosquitto import Mosquitto
-from tests.reliability.fault_harness import PersistentSubscriber
+from lab.rig import Feed
 from tests.reliability.publisher_rig import event, make_publisher, running, until
 
 
@@ -18,7 +18,7 @@ from tests.reliability.publisher_rig import event, make_publisher, running, unti
 def test_the_mirror_is_reasserted_after_the_backlog_so_a_state_never_overtakes_its_transition(
     broker: Mosquitto, prefix: str
 ) -> None:
-    sub = PersistentSubscriber(broker.port, f"{prefix}/#")
+    sub = Feed(port=broker.port, prefix=prefix, persistent=True)
     try:
         pub, outbox = make_publisher(broker.port, prefix)
 
@@ -57,7 +57,7 @@ def test_the_mirror_is_reasserted_after_the_backlog_so_a_state_never_overtakes_i
 def test_overflow_is_announced_by_one_gap_marker_before_the_events_that_survived(
     broker: Mosquitto, prefix: str
 ) -> None:
-    sub = PersistentSubscriber(broker.port, f"{prefix}/#")
+    sub = Feed(port=broker.port, prefix=prefix, persistent=True)
     try:
         pub, outbox = make_publisher(broker.port, prefix, capacity=5)
 

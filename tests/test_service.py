@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -20,7 +19,7 @@ from agent.config import Config
 from agent.payloads import Lifecycle, Status, Transition, VcpuStatePayload, decode
 from agent.topics import Topics, parse_topic
 from lab.mosquitto import Mosquitto
-from tests.conftest import Received, Subscriber
+from lab.rig import Arrival, Feed, retained
 from tests.testdriver import RunningAgent, agent_config, start_domain, with_cleanup
 
 pytestmark = pytest.mark.mqtt
@@ -41,14 +40,14 @@ def domain(conn: libvirt.virConnect) -> Iterator[libvirt.virDomain]:
     with_cleanup(dom)
 
 
-def payload_of(m: Received) -> object:
+def payload_of(m: Arrival) -> object:
     return decode(m.payload) if m.payload else None
 
 
-def is_state(prefix: str, domain: str, vcpu: int, state: str) -> Callable[[Received], bool]:
+def is_state(prefix: str, domain: str, vcpu: int, state: str) -> Callable[[Arrival], bool]:
     topic = Topics(prefix=prefix, host="testhost").vcpu_state(domain, vcpu)
 
-    def check(m: Received) -> bool:
+    def check(m: Arrival) -> bool:
         p = payload_of(m)
         return m.topic == topic and isinstance(p, VcpuStatePayload) and p.state == state
 
@@ -58,21 +57,21 @@ def is_state(prefix: str, domain: str, vcpu: int, state: str) -> Callable[[Recei
 def test_the_agent_announces_itself_online_retained(
     broker: Mosquitto,
     prefix: str,
-    subscribe: Callable[[str], Subscriber],
+    subscribe: Callable[[str], Feed],
     run_agent: Callable[[Config], RunningAgent],
 ) -> None:
     sub = subscribe(f"{prefix}/#")
     agent = run_agent(agent_config(broker, prefix))
-    [online] = sub.wait_for(lambda m: m.topic == f"{prefix}/testhost/status")
+    [online] = sub.wait_all(lambda m: m.topic == f"{prefix}/testhost/status")
     status = decode(online.payload)
     assert isinstance(status, Status)
     assert status.status == "online"
     assert agent.stop() == 0
-    offline = sub.wait_for(lambda m: m.topic == f"{prefix}/testhost/status", count=2)[-1]
+    offline = sub.wait_all(lambda m: m.topic == f"{prefix}/testhost/status", count=2)[-1]
     assert json.loads(offline.payload)["status"] == "offline"
     # A subscriber arriving later sees the retained offline.
     late = subscribe(f"{prefix}/testhost/status")
-    [kept] = late.wait_for(lambda m: True)
+    [kept] = late.wait_all(lambda m: True)
     assert kept.retain
     assert json.loads(kept.payload)["status"] == "offline"
 
@@ -80,17 +79,17 @@ def test_the_agent_announces_itself_online_retained(
 def test_a_running_domain_publishes_retained_state_for_every_vcpu(
     broker: Mosquitto,
     prefix: str,
-    subscribe: Callable[[str], Subscriber],
+    subscribe: Callable[[str], Feed],
     run_agent: Callable[[Config], RunningAgent],
     domain: libvirt.virDomain,
 ) -> None:
     sub = subscribe(f"{prefix}/#")
     run_agent(agent_config(broker, prefix))
     name = domain.name()
-    running0 = sub.wait_for(is_state(prefix, name, 0, "running"))[0]
-    sub.wait_for(is_state(prefix, name, 1, "running"))
-    sub.wait_for(is_state(prefix, name, 2, "offline"))
-    sub.wait_for(is_state(prefix, name, 3, "offline"))
+    running0 = sub.wait_all(is_state(prefix, name, 0, "running"))[0]
+    sub.wait_all(is_state(prefix, name, 1, "running"))
+    sub.wait_all(is_state(prefix, name, 2, "offline"))
+    sub.wait_all(is_state(prefix, name, 3, "offline"))
     assert running0.retain
     assert running0.qos == 1
     body = decode(running0.payload)
@@ -101,7 +100,7 @@ def test_a_running_domain_publishes_retained_state_for_every_vcpu(
 def test_suspend_and_resume_publish_lifecycle_events_and_na_at_once(
     broker: Mosquitto,
     prefix: str,
-    subscribe: Callable[[str], Subscriber],
+    subscribe: Callable[[str], Feed],
     run_agent: Callable[[Config], RunningAgent],
     domain: libvirt.virDomain,
 ) -> None:
@@ -109,27 +108,27 @@ def test_suspend_and_resume_publish_lifecycle_events_and_na_at_once(
     # A 60 s interval: anything seen within the wait below came from the event.
     run_agent(agent_config(broker, prefix, interval=60.0))
     name = domain.name()
-    sub.wait_for(is_state(prefix, name, 0, "running"))
+    sub.wait_all(is_state(prefix, name, 0, "running"))
 
     domain.suspend()
     topics = Topics(prefix=prefix, host="testhost")
-    [suspended] = sub.wait_for(lambda m: m.topic == topics.lifecycle(name), timeout=10)
+    [suspended] = sub.wait_all(lambda m: m.topic == topics.lifecycle(name), timeout=10)
     event = decode(suspended.payload)
     assert isinstance(event, Lifecycle)
     assert (event.event, event.detail, event.seq) == ("suspended", "paused", 1)
     assert (suspended.qos, suspended.retain) == (1, False)
-    sub.wait_for(is_state(prefix, name, 0, "n/a"), timeout=10)
-    [t] = sub.wait_for(lambda m: m.topic == topics.vcpu_transition(name, 0), timeout=10)
+    sub.wait_all(is_state(prefix, name, 0, "n/a"), timeout=10)
+    [t] = sub.wait_all(lambda m: m.topic == topics.vcpu_transition(name, 0), timeout=10)
     transition = decode(t.payload)
     assert isinstance(transition, Transition)
     assert (transition.from_state, transition.to_state, transition.seq) == ("running", "n/a", 1)
     assert (t.qos, t.retain) == (1, False)
 
     domain.resume()
-    resumed = sub.wait_for(lambda m: m.topic == topics.lifecycle(name), count=2, timeout=10)[1]
+    resumed = sub.wait_all(lambda m: m.topic == topics.lifecycle(name), count=2, timeout=10)[1]
     assert json.loads(resumed.payload)["event"] == "resumed"
-    sub.wait_for(is_state(prefix, name, 0, "running"), count=2, timeout=10)
-    back = sub.wait_for(lambda m: m.topic == topics.vcpu_transition(name, 0), count=2)[1]
+    sub.wait_all(is_state(prefix, name, 0, "running"), count=2, timeout=10)
+    back = sub.wait_all(lambda m: m.topic == topics.vcpu_transition(name, 0), count=2)[1]
     assert (json.loads(back.payload)["from"], json.loads(back.payload)["to"]) == ("n/a", "running")
     assert json.loads(back.payload)["seq"] == 2
 
@@ -137,7 +136,7 @@ def test_suspend_and_resume_publish_lifecycle_events_and_na_at_once(
 def test_unplugging_and_plugging_vcpus_are_offline_transitions(
     broker: Mosquitto,
     prefix: str,
-    subscribe: Callable[[str], Subscriber],
+    subscribe: Callable[[str], Feed],
     run_agent: Callable[[Config], RunningAgent],
     domain: libvirt.virDomain,
 ) -> None:
@@ -145,28 +144,28 @@ def test_unplugging_and_plugging_vcpus_are_offline_transitions(
     run_agent(agent_config(broker, prefix))
     name = domain.name()
     topics = Topics(prefix=prefix, host="testhost")
-    sub.wait_for(is_state(prefix, name, 1, "running"))
+    sub.wait_all(is_state(prefix, name, 1, "running"))
     domain.setVcpusFlags(1, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-    [down] = sub.wait_for(lambda m: m.topic == topics.vcpu_transition(name, 1))
+    [down] = sub.wait_all(lambda m: m.topic == topics.vcpu_transition(name, 1))
     assert (json.loads(down.payload)["from"], json.loads(down.payload)["to"]) == (
         "running",
         "offline",
     )
     domain.setVcpusFlags(3, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-    ups = sub.wait_for(
+    ups = sub.wait_all(
         lambda m: m.topic in (topics.vcpu_transition(name, 1), topics.vcpu_transition(name, 2)),
         count=3,
     )
     assert sorted(
         (parse_topic(prefix, m.topic).vcpu, json.loads(m.payload)["to"]) for m in ups[1:]
     ) == [(1, "running"), (2, "running")]
-    assert not [m for m in sub.messages if m.topic == topics.vcpu_transition(name, 0)]
+    assert not [m for m in sub.arrivals if m.topic == topics.vcpu_transition(name, 0)]
 
 
 def test_destroying_a_domain_clears_its_retained_topics(
     broker: Mosquitto,
     prefix: str,
-    subscribe: Callable[[str], Subscriber],
+    subscribe: Callable[[str], Feed],
     run_agent: Callable[[Config], RunningAgent],
     domain: libvirt.virDomain,
 ) -> None:
@@ -174,18 +173,19 @@ def test_destroying_a_domain_clears_its_retained_topics(
     run_agent(agent_config(broker, prefix, interval=60.0))
     name = domain.name()
     topics = Topics(prefix=prefix, host="testhost")
-    sub.wait_for(is_state(prefix, name, 3, "offline"))
+    sub.wait_all(is_state(prefix, name, 3, "offline"))
     domain.destroy()  # transient: the domain is gone
     cleared = {topics.vcpu_state(name, n) for n in range(4)} | {topics.domain_state(name)}
-    sub.wait_for(lambda m: m.topic in cleared and m.payload == b"", count=len(cleared), timeout=10)
-    [stopped] = sub.wait_for(lambda m: m.topic == topics.lifecycle(name))
+    sub.wait_all(lambda m: m.topic in cleared and m.payload == b"", count=len(cleared), timeout=10)
+    [stopped] = sub.wait_all(lambda m: m.topic == topics.lifecycle(name))
     assert (json.loads(stopped.payload)["event"], json.loads(stopped.payload)["detail"]) == (
         "stopped",
         "destroyed",
     )
-    late = subscribe(topics.domain_state(name).removesuffix("/state") + "/#")
-    time.sleep(0.5)  # retained messages arrive right after SUBACK; give them a moment
-    assert late.messages == []
+    # A new subscriber finds nothing retained (the rig waits on a marker, not a sleep).
+    assert (
+        retained(broker.port, prefix, topics.domain_state(name).removesuffix("/state") + "/#") == {}
+    )
 
 
 # libvirt itself refuses '/' in names; topics.py's tests cover it anyway.
@@ -193,7 +193,7 @@ def test_destroying_a_domain_clears_its_retained_topics(
 def test_hostile_domain_names_become_topics_that_decode_back(
     broker: Mosquitto,
     prefix: str,
-    subscribe: Callable[[str], Subscriber],
+    subscribe: Callable[[str], Feed],
     run_agent: Callable[[Config], RunningAgent],
     conn: libvirt.virConnect,
     name: str,
@@ -202,7 +202,7 @@ def test_hostile_domain_names_become_topics_that_decode_back(
     dom = start_domain(conn, name)
     try:
         run_agent(agent_config(broker, prefix))
-        [m] = sub.wait_for(
+        [m] = sub.wait_all(
             lambda m: (
                 m.topic.endswith("/vcpu/0/state")
                 and json.loads(m.payload)["uuid"] == dom.UUIDString()
@@ -218,7 +218,7 @@ def test_hostile_domain_names_become_topics_that_decode_back(
 def test_mqtt_3_1_1_is_selectable(
     broker: Mosquitto,
     prefix: str,
-    subscribe: Callable[[str], Subscriber],
+    subscribe: Callable[[str], Feed],
     run_agent: Callable[[Config], RunningAgent],
     domain: libvirt.virDomain,
 ) -> None:
@@ -226,7 +226,7 @@ def test_mqtt_3_1_1_is_selectable(
     cfg = dataclasses.replace(cfg, mqtt=dataclasses.replace(cfg.mqtt, protocol="3.1.1"))
     sub = subscribe(f"{prefix}/#")
     run_agent(cfg)
-    [online] = sub.wait_for(lambda m: m.topic == f"{prefix}/testhost/status")
+    [online] = sub.wait_all(lambda m: m.topic == f"{prefix}/testhost/status")
     assert json.loads(online.payload)["status"] == "online"
-    state = sub.wait_for(is_state(prefix, domain.name(), 0, "running"))[0]
+    state = sub.wait_all(is_state(prefix, domain.name(), 0, "running"))[0]
     assert (state.qos, state.retain) == (1, True)

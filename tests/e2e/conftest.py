@@ -72,7 +72,7 @@ def rig(
     token = secrets.token_hex(4)
     conn = libvirt.open(e2e_daemon.uri)
     feed = Feed(port=broker.port, prefix=f"e2e-{token}")
-    agent = AgentProcess(
+    agent = AgentProcess.lab(
         workdir=tmp_path_factory.mktemp(f"agent-{virt_type}"),
         broker_port=broker.port,
         prefix=feed.prefix,

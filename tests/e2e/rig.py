@@ -25,7 +25,7 @@ class Rig:
 
     @property
     def prefix(self) -> str:
-        return self.agent.prefix
+        return self.feed.prefix
 
     @property
     def host_id(self) -> str:

@@ -38,7 +38,9 @@ def _seen(at: float, src: str, dst: str, *, seq: int = 1) -> Seen:
         resync=False,
     )
     where = ParsedTopic(host="h", kind="vcpu_transition", domain="d", vcpu=0)
-    arrival = Arrival("p/h/d/vcpu/0/transition", where, body, False, T0 + at + 0.01, at)
+    arrival = Arrival(
+        "p/h/d/vcpu/0/transition", body.encode(), 1, False, where, body, T0 + at + 0.01, at
+    )
     return Seen(arrival, body, T0 + at, T0 + at - 0.1)
 
 

@@ -190,7 +190,7 @@ def _transition(
 def _retained_state(rig: Rig, domain: str, vcpu: int) -> str | None:
     """The vCPU state a brand-new subscriber is told (None: nothing retained)."""
     topic = vcpu_state_filter(rig.prefix, rig.host_id, domain).replace("+", str(vcpu))
-    body = retained(rig.port, topic, settle=0.3).get(topic)
+    body = retained(rig.port, rig.prefix, topic).get(topic)
     if not body:
         return None
     payload = decode(body)
@@ -269,7 +269,7 @@ def test_destroy_clears_the_retained_vcpu_topics(rig: Rig, e2e_images: Path) -> 
     topics = vcpu_state_filter(rig.prefix, rig.host_id, name)
     for vcpu in (0, 1):
         rig.feed.wait_for(_state_is(name, vcpu, ACTIVE), timeout=10, what=f"vCPU {vcpu} active")
-    assert len(retained(rig.port, topics, settle=0.3)) == 2
+    assert len(retained(rig.port, rig.prefix, topics)) == 2
 
     destroyed = time.time()
     rig.pool.destroy(guest)
@@ -277,4 +277,4 @@ def test_destroy_clears_the_retained_vcpu_topics(rig: Rig, e2e_images: Path) -> 
     for vcpu in (0, 1):
         topic = topics.replace("+", str(vcpu))
         rig.feed.wait_for(_cleared(topic, destroyed), timeout=10, what=f"a clear of {topic}")
-    assert retained(rig.port, topics, settle=0.5) == {}
+    assert retained(rig.port, rig.prefix, topics) == {}

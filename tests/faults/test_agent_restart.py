@@ -27,8 +27,7 @@ from lab.domains import GuestPool, GuestSpec
 from lab.guest import build_toggler_image
 from lab.libvirtd import Libvirtd
 from lab.mosquitto import Mosquitto
-from lab.rig import AgentProcess
-from tests.reliability.fault_harness import PersistentSubscriber
+from lab.rig import AgentProcess, Feed
 
 pytestmark = pytest.mark.libvirt
 INTERVAL = 0.25
@@ -68,7 +67,7 @@ def test_a_change_while_the_agent_is_down_reaches_subscribers_once_as_a_resync_i
     prefix: str,
     pool: GuestPool,
     make_broker: Callable[..., Mosquitto],
-    make_subscriber: Callable[..., PersistentSubscriber],
+    make_subscriber: Callable[..., Feed],
 ) -> None:
     broker = make_broker(persistent=True)
     sub = make_subscriber(broker.port, f"{prefix}/#")  # its session outlives the broker
@@ -81,7 +80,7 @@ def test_a_change_while_the_agent_is_down_reaches_subscribers_once_as_a_resync_i
 
     def agent() -> AgentProcess:
         # Both agents share one workdir, so one config and one spool file.
-        return AgentProcess(
+        return AgentProcess.lab(
             workdir=tmp_path / "agent",
             broker_port=broker.port,
             prefix=prefix,
@@ -121,7 +120,7 @@ def test_a_change_while_the_agent_is_down_reaches_subscribers_once_as_a_resync_i
             out = []
             for m in sub.snapshot():
                 if m.topic.endswith(f"/{guest.name}/vcpu/0/transition"):
-                    body = m.body()
+                    body = m.body
                     assert isinstance(body, Transition)
                     out.append(body)
             return out

@@ -35,7 +35,7 @@ INTERVAL = 0.25
 def start_agent(
     workdir: Path, broker: Mosquitto, prefix: str, **libvirt_keys: float
 ) -> AgentProcess:
-    agent = AgentProcess(
+    agent = AgentProcess.lab(
         workdir=workdir,
         broker_port=broker.port,
         prefix=prefix,

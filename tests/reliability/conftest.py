@@ -1,17 +1,15 @@
-"""Fixtures for fault tests: brokers of each test's own, persistent subscribers,
-and agent processes started and killed by PID (the helpers are in harness.py)."""
+"""Fixtures for fault tests: agent processes started from an argv and killed by
+PID (brokers and subscribers are the shared ones in tests/conftest.py)."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.reliability.fault_harness import ROOT, AgentProcess
+from lab.rig import AgentProcess
 
 
 @pytest.fixture
@@ -21,21 +19,15 @@ def tmp(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
-    """Start ``python -m agent ...`` (or another module) with its output in a file."""
+    """Start an agent process from an argv (the CLI, or a harness module) with its
+    output in a file; any still running at the end is killed by PID."""
     procs: list[AgentProcess] = []
 
     def start(argv: list[str], name: str = "agent") -> AgentProcess:
-        log_path = tmp_path / f"{name}-{len(procs)}.log"
-        with log_path.open("wb") as out:
-            proc = subprocess.Popen(
-                argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
-            )
-        agent = AgentProcess(proc, log_path)
-        procs.append(agent)
+        agent = AgentProcess(argv=argv, log_path=tmp_path / f"{name}-{len(procs)}.log")
+        procs.append(agent.start())
         return agent
 
     yield start
     for agent in procs:
-        if agent.proc.poll() is None:
-            os.kill(agent.proc.pid, signal.SIGKILL)
-            agent.proc.wait()
+        agent.stop(timeout=0, sig=signal.SIGKILL)

@@ -1,5 +1,5 @@
 """Drive a real ``agent.publisher.Publisher`` (MemoryOutbox) on an asyncio loop of
-the test's own, against a real mosquitto; observe with ``PersistentSubscriber``."""
+the test's own, against a real mosquitto; observe with ``Feed``."""
 
 from __future__ import annotations
 

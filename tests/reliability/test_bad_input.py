@@ -35,7 +35,8 @@ from agent.records import domain_record
 from agent.topics import parse_topic
 from agent.transitions import HostState, VcpuTransition, advance
 from lab.mosquitto import Mosquitto
-from tests.reliability.fault_harness import AGENT, AgentProcess, PersistentSubscriber, agent_config
+from lab.rig import AgentProcess, Feed
+from tests.reliability.fault_harness import AGENT, agent_config
 
 # -- config ------------------------------------------------------------------------------
 
@@ -282,7 +283,7 @@ def test_hostile_domain_names_give_valid_topics_that_decode_back_to_the_name(
     tmp: Path,
     prefix: str,
     make_broker: Callable[..., Mosquitto],
-    make_subscriber: Callable[..., PersistentSubscriber],
+    make_subscriber: Callable[..., Feed],
     spawn: Callable[..., AgentProcess],
 ) -> None:
     broker = make_broker()

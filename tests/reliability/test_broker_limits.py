@@ -17,7 +17,7 @@ from structlog.testing import capture_logs
 
 from agent.payloads import Gap, decode
 from lab.mosquitto import Mosquitto
-from tests.reliability.fault_harness import PersistentSubscriber
+from lab.rig import Feed
 from tests.reliability.publisher_rig import event, make_publisher, running, until
 
 LIMIT = 300  # bytes; the big entries below are ~400, the small ones ~100
@@ -28,7 +28,7 @@ def _connects(broker: Mosquitto, client_id: str) -> int:
     return broker.log_path.read_text().count(f" as {client_id} ")
 
 
-def _seqs(sub: PersistentSubscriber, suffix: str) -> list[int]:
+def _seqs(sub: Feed, suffix: str) -> list[int]:
     return [
         json.loads(m.payload)["seq"] for m in sub.snapshot() if m.topic.endswith(f"/0/{suffix}")
     ]
@@ -40,7 +40,7 @@ def test_entries_over_the_packet_limit_are_dropped_counted_in_a_gap_and_never_bl
     protocol: str,
     prefix: str,
     make_broker: Callable[..., Mosquitto],
-    make_subscriber: Callable[..., PersistentSubscriber],
+    make_subscriber: Callable[..., Feed],
 ) -> None:
     broker = make_broker(f"max_packet_size {LIMIT}")
     sub = make_subscriber(broker.port, f"{prefix}/#")
@@ -84,7 +84,7 @@ def test_a_backlog_to_a_broker_with_receive_maximum_one_is_delivered_whole_and_i
     qos: int,
     prefix: str,
     make_broker: Callable[..., Mosquitto],
-    make_subscriber: Callable[..., PersistentSubscriber],
+    make_subscriber: Callable[..., Feed],
 ) -> None:
     # mosquitto's max_inflight_messages is also the Receive Maximum its CONNACK
     # announces (MQTT 5). Over it, QoS 2 PUBRECs carry "quota exceeded", which

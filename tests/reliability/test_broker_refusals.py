@@ -25,7 +25,8 @@ from structlog.testing import capture_logs
 
 from agent.payloads import Status, decode
 from lab.mosquitto import Mosquitto, free_port
-from tests.reliability.fault_harness import AGENT, AgentProcess, PersistentSubscriber, agent_config
+from lab.rig import AgentProcess, Feed
+from tests.reliability.fault_harness import AGENT, agent_config
 from tests.reliability.publisher_rig import event, make_publisher, running, until
 
 WATCH = 3.0  # seconds each refusal is watched
@@ -95,7 +96,7 @@ def _secret(tmp: Path, text: str) -> Path:
 
 def _watch(agent: AgentProcess) -> None:
     time.sleep(WATCH)
-    assert agent.proc.poll() is None, agent.raw()[-2000:]  # still running: no crash
+    assert agent.running(), agent.raw()[-2000:]  # still running: no crash
     agent.signal(signal.SIGTERM)
     assert agent.wait(timeout=5) == 0
 
@@ -165,7 +166,7 @@ def test_after_the_acl_is_fixed_events_flow_within_seconds_and_the_status_never_
     tmp: Path,
     prefix: str,
     make_broker: Callable[..., Mosquitto],
-    make_subscriber: Callable[..., PersistentSubscriber],
+    make_subscriber: Callable[..., Feed],
 ) -> None:
     # Before: a refused publish replaced the connection; the old paho client, closed
     # behind paho's back, unwatched the *new* connection's fd when it was collected:
@@ -278,7 +279,7 @@ def test_tls_with_a_ca_made_at_test_time_and_a_password_connects_and_never_logs_
     prefix: str,
     pki: Pki,
     make_broker: Callable[..., Mosquitto],
-    make_subscriber: Callable[..., PersistentSubscriber],
+    make_subscriber: Callable[..., Feed],
     spawn: Callable[..., AgentProcess],
 ) -> None:
     password = f"tls-pw-{uuid.uuid4().hex}"
