@@ -222,11 +222,19 @@ def test_mqtt_3_1_1_is_selectable(
     run_agent: Callable[[Config], RunningAgent],
     domain: libvirt.virDomain,
 ) -> None:
+    client_id = f"agent-311-{prefix}"
     cfg = agent_config(broker, prefix)
-    cfg = dataclasses.replace(cfg, mqtt=dataclasses.replace(cfg.mqtt, protocol="3.1.1"))
+    mqtt = dataclasses.replace(cfg.mqtt, protocol="3.1.1", client_id=client_id)
     sub = subscribe(f"{prefix}/#")
-    run_agent(cfg)
+    run_agent(dataclasses.replace(cfg, mqtt=mqtt))
     [online] = sub.wait_all(lambda m: m.topic == f"{prefix}/testhost/status")
     assert json.loads(online.payload)["status"] == "online"
     state = sub.wait_all(is_state(prefix, domain.name(), 0, "running"))[0]
     assert (state.qos, state.retain) == (1, True)
+    # The broker's own word on what was negotiated: mosquitto logs "p2" for
+    # MQTT 3.1.1 and "p5" for MQTT 5 on every connect.
+    connects = [
+        line for line in broker.log_path.read_text().splitlines() if f" as {client_id} (" in line
+    ]
+    assert connects
+    assert all(f" as {client_id} (p2," in line for line in connects), connects
