@@ -163,6 +163,7 @@ class Subscriber:
         self._filters_mid: int | None = None
         self._marker_mid: int | None = None
         self._refused: str | None = None
+        self._closing = False
         self._wake: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
         self._client = self._new_client()
 
@@ -227,6 +228,7 @@ class Subscriber:
 
     def close(self) -> None:
         """Commit and acknowledge what was committed, then disconnect."""
+        self._closing = True
         with contextlib.suppress(Exception):
             self.flush()
         # Stop paho's thread first: disconnect() then writes the queued acks and the
@@ -302,7 +304,10 @@ class Subscriber:
         self, _c: paho.Client, _u: object, _f: object, rc: ReasonCode, _p: object
     ) -> None:
         self._synced.clear()
-        log.warning("client.disconnected", reason=str(rc))
+        if self._closing:
+            log.debug("client.closed", reason=str(rc))
+        else:
+            log.warning("client.disconnected", reason=str(rc))
 
     def _on_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
         self._enqueue(_Raw(msg.topic, bytes(msg.payload), msg.mid, msg.qos))

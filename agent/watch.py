@@ -79,6 +79,7 @@ class View:
     domains: dict[tuple[str, str], DomainStatePayload] = field(default_factory=dict)
     vcpus: dict[tuple[str, str, int], VcpuStatePayload] = field(default_factory=dict)
     synced: bool = False
+    only: frozenset[int] = frozenset()  # the vCPUs subscribed to (empty: all)
 
     def apply(self, event: Event) -> None:
         if isinstance(event, VcpuStatePayload):
@@ -118,7 +119,7 @@ class View:
             (host, domain, n)
             for (host, domain), d in sorted(self.domains.items())
             for n in range(d.vcpus_current or 0)
-            if (host, domain, n) not in self.vcpus
+            if (host, domain, n) not in self.vcpus and (not self.only or n in self.only)
         ]
 
     def complete(self) -> bool:
@@ -131,7 +132,7 @@ class View:
 
 def gather(sub: Subscriber, *, timeout: float) -> View:
     """The retained tree: until complete, or ``timeout`` seconds at most."""
-    view = View()
+    view = View(only=frozenset(sub.selection.vcpus))
     deadline = time.monotonic() + timeout
     while not view.complete():
         left = deadline - time.monotonic()
@@ -201,7 +202,7 @@ def table(view: View, now: float) -> Table:
 
 def live(sub: Subscriber, console: Console | None = None) -> int:
     """A live table: the retained tree, then every change; Ctrl-C ends it."""
-    view = View()
+    view = View(only=frozenset(sub.selection.vcpus))
     with Live(table(view, time.time()), console=console, auto_refresh=False) as screen:
         last = 0.0
         while True:

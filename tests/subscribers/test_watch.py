@@ -125,3 +125,18 @@ def test_every_event_has_a_json_form_with_a_kind() -> None:
     gap = SeqGap(host="h", domain="d", uuid="u", vcpu=0, epoch="e", first=2, last=3, explained=True)
     assert event_dict(gap)["kind"] == "seq_gap"
     assert event_dict(Synced()) == {"kind": "synced"}
+
+
+@pytest.mark.mqtt
+def test_watch_once_with_filters_waits_only_for_the_vcpus_it_asked_for(
+    bus: Mosquitto, wire: Wire, prefix: str, tmp_path: Path
+) -> None:
+    agent = FakeAgent(prefix=prefix)
+    publish_tree(wire, agent, {"web": 3, "db": 2})
+    done = watch(
+        config_file(tmp_path, bus.port, prefix),
+        *("--once", "--json", "--domain", "web", "--vcpu", "2", "--timeout", "5"),
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(r["domain"], r["vcpu"]) for r in rows] == [("web", 2)]
