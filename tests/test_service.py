@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 
 import libvirt
 import pytest
+from structlog.testing import capture_logs
 
 from agent.config import Config
 from agent.payloads import Lifecycle, Status, Transition, VcpuStatePayload, decode
@@ -213,6 +214,34 @@ def test_hostile_domain_names_become_topics_that_decode_back(
         assert json.loads(m.payload)["domain"] == name
     finally:
         with_cleanup(dom)
+
+
+def test_a_domain_whose_name_fits_no_topic_is_skipped_and_the_others_are_watched(
+    broker: Mosquitto,
+    prefix: str,
+    subscribe: Callable[[str], Feed],
+    run_agent: Callable[[Config], RunningAgent],
+    conn: libvirt.virConnect,
+    domain: libvirt.virDomain,
+) -> None:
+    sub = subscribe(f"{prefix}/#")
+    huge = start_domain(conn, "n" * 70_000)  # its topics would pass MQTT's 65,535 bytes
+    try:
+        with capture_logs() as logs:
+            agent = run_agent(agent_config(broker, prefix))
+            sub.wait_all(is_state(prefix, domain.name(), 0, "running"))
+            huge.suspend()  # a lifecycle event of the skipped domain: skipped too
+            huge.resume()
+            domain.suspend()
+            sub.wait_all(is_state(prefix, domain.name(), 0, "n/a"), timeout=10)
+            assert agent.thread.is_alive()
+            assert agent.stop() == 0
+    finally:
+        with_cleanup(huge)
+    skipped = [line for line in logs if line["event"] == "domain.skipped"]
+    assert [line["uuid"] for line in skipped] == [huge.UUIDString()]  # logged once
+    assert skipped[0]["name_bytes"] == 70_000
+    assert not [a for a in sub.snapshot() if a.body is not None and "n" * 1000 in a.topic]
 
 
 def test_mqtt_3_1_1_is_selectable(
