@@ -3,7 +3,7 @@ and the referee that lines transitions up with a guest's markers.
 
 Used by every suite (``tests/``), the demo (``lab/demo.py``) and the benchmarks:
 
-- ``write_config`` / ``config_document``: an agent config for a loopback broker;
+- ``config_document`` / ``write_config``: an agent config for a loopback broker;
 - ``AgentProcess``: the real ``vcpu-agent run`` (or a harness around the same
   entry point), by PID, with its JSON log lines;
 - ``Feed``: a paho subscriber that records and decodes every message, plain or
@@ -81,29 +81,8 @@ def config_document(
     return doc
 
 
-def write_config(
-    path: Path,
-    *,
-    port: int,
-    prefix: str,
-    host_id: str,
-    uri: str = URI,
-    interval: float = 0.25,
-    spool_path: Path | str = "",
-    fast: bool = True,
-    **sections: Mapping[str, object],
-) -> Path:
-    """``config_document(...)`` written as a TOML file at ``path``."""
-    doc = config_document(
-        port=port,
-        prefix=prefix,
-        host_id=host_id,
-        uri=uri,
-        interval=interval,
-        spool_path=spool_path,
-        fast=fast,
-        **sections,
-    )
+def write_config(path: Path, doc: Mapping[str, Mapping[str, object]]) -> Path:
+    """Write a config document (``config_document(...)``) as a TOML file."""
     lines = []
     for name, values in doc.items():
         lines.append(f"[{name}]")
@@ -111,6 +90,15 @@ def write_config(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``condition`` (for state with no event to wait on: files, processes)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
 
 
 # --- the one agent-process runner --------------------------------------------------
@@ -163,8 +151,7 @@ class AgentProcess:
         libvirt_keys: Mapping[str, float] | None = None,
     ) -> AgentProcess:
         """The agent of a real-guest run: production timings but for ``interval``."""
-        config = write_config(
-            workdir / "agent.toml",
+        doc = config_document(
             port=broker_port,
             prefix=prefix,
             host_id=host_id,
@@ -175,6 +162,7 @@ class AgentProcess:
             libvirt=dict(libvirt_keys or {}),
             log={"level": log_level},
         )
+        config = write_config(workdir / "agent.toml", doc)
         return cls(config, log_path=workdir / "agent.log", host_id=host_id)
 
     @property

@@ -15,7 +15,6 @@ import itertools
 import os
 import secrets
 import signal
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from lab.domains import GuestPool, GuestSpec
 from lab.guest import build_toggler_image
 from lab.libvirtd import Libvirtd
 from lab.mosquitto import Mosquitto
-from lab.rig import AgentProcess, Feed
+from lab.rig import AgentProcess, Feed, wait_until
 
 pytestmark = pytest.mark.libvirt
 INTERVAL = 0.25
@@ -52,14 +51,6 @@ def transitions_logged(agent: AgentProcess, domain: str) -> list[dict[str, objec
         for e in agent.log_events()
         if e.get("event") == "vcpu.transition" and e.get("domain") == domain and e.get("vcpu") == 0
     ]
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_a_change_while_the_agent_is_down_reaches_subscribers_once_as_a_resync_in_order(

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from agent.delivery import SeqKey
 from agent.payloads import Lifecycle, Transition, decode
-from lab.rig import Arrival, write_config
+from lab.rig import Arrival, config_document, write_config
 
 AGENT = [sys.executable, "-m", "agent"]
 # The domain every test:///default instance starts with (libvirt's test driver).
@@ -40,15 +40,17 @@ def agent_config(
     """The fault tests' agent config (the rig's writer, with their timings)."""
     return write_config(
         path,
-        port=port,
-        prefix=prefix,
-        host_id="rel-host",
-        uri=uri,
-        interval=0.2,
-        spool_path=spool,
-        sampling={"event_followup": 0.05},
-        spool={"max_events": max_events},
-        mqtt=mqtt or {},
+        config_document(
+            port=port,
+            prefix=prefix,
+            host_id="rel-host",
+            uri=uri,
+            interval=0.2,
+            spool_path=spool,
+            sampling={"event_followup": 0.05},
+            spool={"max_events": max_events},
+            mqtt=mqtt or {},
+        ),
     )
 
 

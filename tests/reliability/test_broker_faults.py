@@ -18,7 +18,7 @@ from pathlib import Path
 
 from agent.payloads import Gap, Status, VcpuStatePayload, decode, parse_rfc3339
 from lab.mosquitto import Mosquitto
-from lab.rig import AgentProcess, Feed
+from lab.rig import AgentProcess, Feed, wait_until
 from tests.reliability.fault_harness import (
     AGENT,
     TEST_DOMAIN_UUID,
@@ -67,10 +67,7 @@ def wait_replugged(agent: AgentProcess, cycles: int, timeout: float = 30.0) -> N
         )
 
     agent.wait_log("driver.done", timeout=timeout)
-    deadline = time.monotonic() + timeout
-    while replugs() < cycles:
-        assert time.monotonic() < deadline, f"{replugs()} of {cycles} replugs:\n{agent.log_tail()}"
-        time.sleep(0.05)
+    wait_until(lambda: replugs() >= cycles, timeout, f"{cycles} replugs published")
 
 
 def stop_agent(agent: AgentProcess, sig: int = signal.SIGTERM) -> tuple[int, float]:
@@ -250,9 +247,9 @@ def test_a_full_spool_drops_the_oldest_events_and_publishes_one_gap_marker_with_
     # drops, so the gaps add up to the spool's total, every drop announced once.
     gaps = [decode(m.payload) for m in sub.snapshot() if m.topic == f"{prefix}/rel-host/gap"]
     assert all(isinstance(g, Gap) for g in gaps)
-    first = gaps[0]
-    assert isinstance(first, Gap)
-    assert first.dropped == first.dropped_total >= dropped  # + any drop before it connected
+    first_gap = gaps[0]
+    assert isinstance(first_gap, Gap)
+    assert first_gap.dropped == first_gap.dropped_total >= dropped  # + drops before connecting
     with sqlite3.connect(spool) as db:
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
     assert sum(g.dropped for g in gaps if isinstance(g, Gap)) == meta["dropped"]
@@ -260,7 +257,7 @@ def test_a_full_spool_drops_the_oldest_events_and_publishes_one_gap_marker_with_
     events = [m for m in sub.snapshot() if m.topic.endswith(("/transition", "/lifecycle"))]
     first_gap_at = next(i for i, m in enumerate(sub.snapshot()) if m.topic.endswith("/gap"))
     assert first_gap_at < sub.snapshot().index(events[0])  # the gap first
-    gap = first
+    gap = first_gap
     record_figure(
         f"spool overflow during an outage (max_events={capacity})",
         produced,
