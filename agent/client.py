@@ -66,6 +66,9 @@ log = logs.get("agent.client")
 
 SESSION_EXPIRY = 7 * 86400  # seconds the broker keeps a durable subscriber's queue
 FLUSH_EVERY = 256  # committed transitions acknowledged in one ledger transaction
+# Bad input is a lasting fault (one line, then a reminder a minute): it has ended
+# when valid messages flowed this long without a bad one in between.
+BAD_QUIET = 60.0
 
 
 class ClientError(Exception):
@@ -153,6 +156,7 @@ class Subscriber:
         self.bad: Counter[str] = Counter()
         self.received = 0
         self._bad_log = logs.LastingFault(log, "client.bad_message")
+        self._last_bad = 0.0
         self._raw: queue.SimpleQueue[_Raw] = queue.SimpleQueue()
         self._pending: deque[Event] = deque()
         self._unacked: dict[Key, list[tuple[int, int]]] = {}
@@ -368,6 +372,8 @@ class Subscriber:
         self.received += 1
         item = read(self.prefix, raw.topic, raw.payload, max_bytes=self.max_bytes)
         if isinstance(item, Payload):
+            if self._bad_log.active and time.monotonic() - self._last_bad > BAD_QUIET:
+                self._bad_log.clear()  # client.bad_message.ended
             events = self.tracker.feed(item)
             if self.durable and raw.qos > 0:
                 if isinstance(item, Transition):
@@ -383,6 +389,7 @@ class Subscriber:
             return
         if isinstance(item, BadMessage):
             self.bad[item.reason] += 1
+            self._last_bad = time.monotonic()
             self._bad_log.hit(topic=item.topic[:200], reason=item.reason, detail=item.detail)
         if self.durable and raw.qos > 0:
             self._client.ack(raw.mid, raw.qos)

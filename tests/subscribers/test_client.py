@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from agent.chain import BadMessage, Event, SeqGap, VcpuCleared
 from agent.client import ClientError, Selection, Subscriber
@@ -162,8 +163,11 @@ def test_bad_input_from_the_bus_is_counted_and_never_stops_the_subscriber(
         wire.send(topic, b"[" * (10 * 1024 * 1024))  # a 10 MB body
         wire.send(topic, json.dumps({**body, "vcpu": 5}).encode())  # not this topic's
         wire.send(topic, good)
-        events = collect(sub, n_transitions(1), timeout=20)
+        with capture_logs() as logged:
+            events = collect(sub, n_transitions(1), timeout=20)
         assert [e for e in events if isinstance(e, Transition)] == [good]
+        # a lasting fault: one line for the burst, not one per message
+        assert [e["event"] for e in logged] == ["client.bad_message"]
         reasons = sorted(e.reason for e in events if isinstance(e, BadMessage))
         assert reasons == ["json", "mismatch", "schema", "too-large", "topic", "topic"]
         assert sub.bad["topic"] == 2
