@@ -32,6 +32,9 @@ from agent.payloads import Transition, decode
 
 Status = Literal["running", "done", "failed"]
 Key = tuple[str, str, int, str, int]  # host, uuid, vcpu, epoch, seq
+# A whole-domain condition's episode (agent.conditions): host, uuid, condition, and the
+# epoch, vCPU and seq of the transition that completed it.
+ConditionKey = tuple[str, str, str, str, int, int]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS handled (
@@ -40,6 +43,12 @@ CREATE TABLE IF NOT EXISTS handled (
     status TEXT NOT NULL, attempts INTEGER NOT NULL, outcome TEXT NOT NULL,
     body BLOB NOT NULL, updated REAL NOT NULL,
     PRIMARY KEY (host, uuid, vcpu, epoch, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS conditions (
+    host TEXT NOT NULL, uuid TEXT NOT NULL, condition TEXT NOT NULL,
+    epoch TEXT NOT NULL, vcpu INTEGER NOT NULL, seq INTEGER NOT NULL,
+    status TEXT NOT NULL, outcome TEXT NOT NULL, updated REAL NOT NULL,
+    PRIMARY KEY (host, uuid, condition, epoch, vcpu, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS chains (
     host TEXT NOT NULL, uuid TEXT NOT NULL, vcpu INTEGER NOT NULL,
@@ -72,10 +81,11 @@ class Ledger:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
         self._in_tx = False
-        self._db.execute(
-            "DELETE FROM handled WHERE status != 'running' AND updated < ?",
-            (time.time() - retention,),
-        )
+        for table in ("handled", "conditions"):
+            self._db.execute(
+                f"DELETE FROM {table} WHERE status != 'running' AND updated < ?",  # noqa: S608
+                (time.time() - retention,),
+            )
 
     def close(self) -> None:
         self.flush()
@@ -127,6 +137,24 @@ class Ledger:
     def finish(self, t: Transition, status: Status, outcome: str) -> None:
         self._begin()
         self._put(t, status, outcome, started=False)
+        self.flush()
+
+    def condition_status(self, key: ConditionKey) -> Status | None:
+        row = self._db.execute(
+            "SELECT status FROM conditions WHERE host=? AND uuid=? AND condition=?"
+            " AND epoch=? AND vcpu=? AND seq=?",
+            key,
+        ).fetchone()
+        return None if row is None else row[0]
+
+    def condition_mark(self, key: ConditionKey, status: Status, outcome: str = "") -> None:
+        """Committed at once: ``running`` before the hook starts, then its end."""
+        self._begin()
+        self._db.execute(
+            "INSERT INTO conditions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE"
+            " SET status=excluded.status, outcome=excluded.outcome, updated=excluded.updated",
+            (*key, status, outcome, time.time()),
+        )
         self.flush()
 
     def interrupted(self) -> list[Interrupted]:

@@ -24,16 +24,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import json
 import os
 import signal
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from agent import logs
 from agent.chain import ChainBroken, EpochChanged, SeqGap
 from agent.client import Subscriber
+from agent.conditions import Condition, DomainWatch, Firing
 from agent.ledger import Ledger, Status
-from agent.payloads import Transition
+from agent.payloads import Transition, rfc3339
 
 log = logs.get("agent.react")
 
@@ -126,8 +129,23 @@ def hook_env(t: Transition, *, rerun: bool, attempt: int) -> dict[str, str]:
     }
 
 
+def condition_env(f: Firing, *, rerun: bool, attempt: int) -> dict[str, str]:
+    return {
+        "VCPU_CONDITION": f.condition,
+        "VCPU_HOLD_S": repr(f.hold),
+        "VCPU_HOST": f.host,
+        "VCPU_DOMAIN": f.domain,
+        "VCPU_UUID": f.uuid,
+        "VCPU_VCPUS": ",".join(str(n) for n in f.vcpus),
+        "VCPU_SINCE": rfc3339(f.since),
+        "VCPU_EPOCH": f.key[0],
+        "VCPU_RERUN": "1" if rerun else "0",
+        "VCPU_ATTEMPT": str(attempt),
+    }
+
+
 async def run_hook(
-    command: Sequence[str], t: Transition, env: Mapping[str, str], timeout: float
+    command: Sequence[str], stdin: bytes, env: Mapping[str, str], timeout: float
 ) -> str:
     """Run the command once; its outcome: ``exit 0``, ``exit 3``, ``signal 9``, ``timeout``,
     ``cannot start: ...``."""
@@ -142,7 +160,7 @@ async def run_hook(
         return f"cannot start: {err}"
     assert proc.stdin is not None
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # it need not read
-        proc.stdin.write(t.encode() + b"\n")
+        proc.stdin.write(stdin + b"\n")
         await proc.stdin.drain()
         proc.stdin.close()
     try:
@@ -168,11 +186,21 @@ async def _kill(proc: asyncio.subprocess.Process) -> None:
 class Reactor:
     """Consumes a durable subscriber; runs hooks; keeps the ledger; acknowledges."""
 
-    def __init__(self, sub: Subscriber, ledger: Ledger, match: Match, policy: Policy) -> None:
+    def __init__(
+        self,
+        sub: Subscriber,
+        ledger: Ledger,
+        match: Match,
+        policy: Policy,
+        conditions: tuple[Condition, ...] = (),
+    ) -> None:
         self.sub = sub
         self.ledger = ledger
         self.match = match
         self.policy = policy
+        # With conditions, the command runs on them, not on each transition.
+        self.watch = DomainWatch(conditions) if conditions else None
+        self._changed = asyncio.Event()
         self._slots = asyncio.Semaphore(policy.concurrency)
         self._backlog = asyncio.Semaphore(policy.concurrency * 16)  # hooks queued at most
         self._tails: dict[tuple[str, str, int], asyncio.Task[None]] = {}
@@ -199,19 +227,28 @@ class Reactor:
                 self.ledger.finish(it.transition, "failed", "interrupted twice")
                 continue
             await self._schedule(it.transition, rerun=True)
-        consume = asyncio.create_task(self._consume())
+        workers = {asyncio.create_task(self._consume())}
+        if self.watch is not None:
+            workers.add(asyncio.create_task(self._conditions(self.watch)))
         stopping = asyncio.create_task(stop.wait())
-        await asyncio.wait({consume, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        consume.cancel()
+        await asyncio.wait({*workers, stopping}, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await consume
+        for worker in workers:
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
         if self._tasks:  # let running hooks finish (each is bounded by its timeout)
             await asyncio.wait(set(self._tasks))
         self.sub.flush()
 
     async def _consume(self) -> None:
         async for event in self.sub.aevents():
+            if self.watch is not None:
+                self.watch.apply(event)
+                self._changed.set()
+                if isinstance(event, Transition):
+                    self.sub.commit(event, "done", "conditions only")
+                continue
             if isinstance(event, Transition):
                 await self._on_transition(event)
             elif isinstance(event, SeqGap):
@@ -278,7 +315,7 @@ class Reactor:
         for attempt in range(1, self.policy.retries + 2):
             async with self._slots:
                 env = hook_env(t, rerun=rerun, attempt=attempt)
-                outcome = await run_hook(self.policy.command, t, env, self.policy.timeout)
+                outcome = await run_hook(self.policy.command, t.encode(), env, self.policy.timeout)
             if outcome == "exit 0":
                 break
             log.warning(
@@ -297,6 +334,63 @@ class Reactor:
         log.info("react.hook_done", seq=t.seq, **_where(t), outcome=outcome, rerun=rerun)
         self.sub.release(t)
         self.sub.flush()
+
+    async def _conditions(self, watch: DomainWatch) -> None:
+        """Fire each whole-domain condition episode once, when it has held long enough."""
+        while True:
+            wait = watch.next_due(time.time())
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):  # None: until something changes
+                    await self._changed.wait()
+            for firing in watch.due(time.time()):
+                if self.match.hosts and not any(
+                    fnmatch.fnmatchcase(firing.host, g) for g in self.match.hosts
+                ):
+                    continue
+                if self.match.domains and not any(
+                    fnmatch.fnmatchcase(firing.domain, g) for g in self.match.domains
+                ):
+                    continue
+                task = asyncio.create_task(self._fire(firing))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _fire(self, f: Firing) -> None:
+        key = (f.host, f.uuid, f.condition, *f.key)
+        status = self.ledger.condition_status(key)
+        if status in ("done", "failed"):
+            return  # fired before a restart: the retained tree brought the episode back
+        rerun = status == "running"
+        self.ledger.condition_mark(key, "running")
+        outcome = ""
+        for attempt in range(1, self.policy.retries + 2):
+            async with self._slots:
+                env = condition_env(f, rerun=rerun, attempt=attempt)
+                body = json.dumps(f.as_dict()).encode()
+                outcome = await run_hook(self.policy.command, body, env, self.policy.timeout)
+            if outcome == "exit 0":
+                break
+            log.warning(
+                "react.hook_failed",
+                condition=f.condition,
+                host=f.host,
+                domain=f.domain,
+                outcome=outcome,
+                attempt=attempt,
+            )
+            if attempt <= self.policy.retries:
+                await asyncio.sleep(self.policy.retry_delay * 2 ** (attempt - 1))
+        self.ledger.condition_mark(key, "done" if outcome == "exit 0" else "failed", outcome)
+        log.info(
+            "react.condition_done",
+            condition=f.condition,
+            host=f.host,
+            domain=f.domain,
+            vcpus=list(f.vcpus),
+            outcome=outcome,
+            rerun=rerun,
+        )
 
 
 def _where(e: Transition | SeqGap | ChainBroken) -> dict[str, object]:

@@ -76,6 +76,14 @@ def _add_react(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="host=GLOB, domain=GLOB, vcpu=N[,N], from=S[,S], to=S[,S], resync=true|false "
         "(repeatable; all must hold)",
     )
+    react.add_argument(
+        "--when",
+        action="append",
+        default=[],
+        metavar="COND=SECONDS",
+        help="run on a whole-domain condition instead of each transition: "
+        "all-halted=D (every current vCPU halted for D s), any-unknown=D (repeatable)",
+    )
     react.add_argument("--timeout", type=float, default=60.0, help="seconds per run (60)")
     react.add_argument("--concurrency", type=int, default=4, help="runs at once at most (4)")
     react.add_argument("--retries", type=int, default=2, help="reruns of a failed run (2)")
@@ -154,19 +162,22 @@ def _react(args: argparse.Namespace, cfg: Config, selection: Selection) -> int:
     import signal  # noqa: PLC0415
 
     from agent.client import ClientError, Subscriber, default_client_id  # noqa: PLC0415
+    from agent.conditions import Condition  # noqa: PLC0415
     from agent.ledger import Ledger  # noqa: PLC0415
     from agent.react import Match, MatchError, Policy, Reactor  # noqa: PLC0415
 
     try:
         match = Match.parse(args.match)
         command = tuple(shlex.split(args.exec))
+        conditions = tuple(Condition.parse(w) for w in args.when)
     except (MatchError, ValueError) as err:
         print(f"vcpu-agent react: {err}", file=sys.stderr)
         return EX_USAGE
     if not command:
         print("vcpu-agent react: --exec is empty", file=sys.stderr)
         return EX_USAGE
-    client_id = args.client_id or default_client_id("react", args.config, args.exec)
+    what = "\0".join([args.exec, *args.when])  # another rule set: another session
+    client_id = args.client_id or default_client_id("react", args.config, what)
     ledger_path = args.ledger or state_directory() / f"{client_id}.sqlite3"
     ledger = Ledger(ledger_path)
     policy = Policy(
@@ -188,7 +199,7 @@ def _react(args: argparse.Namespace, cfg: Config, selection: Selection) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await Reactor(sub, ledger, match, policy).run(stop)
+        await Reactor(sub, ledger, match, policy, conditions).run(stop)
 
     try:
         asyncio.run(main())

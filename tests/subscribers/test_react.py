@@ -42,10 +42,12 @@ note(f"end {os.environ['VCPU_INDEX']} {seq} {rerun}")
 class React:
     """``vcpu-agent react`` as a child process, its JSON log lines collected."""
 
-    def __init__(self, config: Path, tmp: Path, client_id: str, *args: str, **env: str) -> None:
+    def __init__(
+        self, config: Path, tmp: Path, client_id: str, *args: str, hook: str = HOOK, **env: str
+    ) -> None:
         self.hook_log = tmp / "hook.log"
-        hook = tmp / "hook.py"
-        hook.write_text(HOOK)
+        script = tmp / "hook.py"
+        script.write_text(hook)
         self.proc = subprocess.Popen(
             [
                 str(EXE),
@@ -53,7 +55,7 @@ class React:
                 "--config",
                 str(config),
                 "--exec",
-                f"{sys.executable} {hook}",
+                f"{sys.executable} {script}",
                 "--ledger",
                 str(tmp / "ledger.sqlite3"),
                 "--client-id",
