@@ -77,8 +77,8 @@ def test_an_episode_has_the_same_identity_when_rebuilt_from_the_retained_tree() 
 def test_a_paused_domain_is_not_all_halted_and_any_unknown_names_the_vcpu() -> None:
     agent = FakeAgent()
     watch = DomainWatch((Condition.parse("all-halted=0"), Condition.parse("any-unknown=5")))
-    domain, *states = running_domain(agent, 2)
-    feed(watch, [dataclasses.replace(domain, state="paused"), *states])  # type: ignore[type-var]
+    _, domain = agent.domain_state("web", U, 2)
+    feed(watch, [*running_domain(agent, 2), dataclasses.replace(domain, state="paused")])
     for n in (0, 1):
         watch.apply(agent.transition("web", U, n, "halted")[1])
     assert watch.due(T0) == []
