@@ -13,7 +13,8 @@ the same bytes, the floor any Python JSON subscriber pays:
 - ``--broker``: through a real mosquitto on loopback: the messages are published
   (QoS 1) into a waiting durable session, then a ``Subscriber`` consumes them
   alone: receive + read + chain, and the same with ``commit`` into the ledger
-  and manual acks.
+  and manual acks;
+- ``--react-latency N``: publish -> hook start through a real ``vcpu-agent react``.
 """
 
 from __future__ import annotations
@@ -148,10 +149,85 @@ def bench_broker(msgs: list[tuple[str, bytes]]) -> list[tuple[str, float]]:
     return results
 
 
+def bench_react_latency(count: int) -> list[float]:
+    """Publish -> hook start through ``vcpu-agent react`` (a real process), in ms.
+
+    The hook is ``sh -c 'date ...'``: its start is stamped by its first command, so
+    the figure includes one fork/exec of sh and of date (~1-2 ms)."""
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    import paho.mqtt.client as paho  # noqa: PLC0415
+    from paho.mqtt.enums import CallbackAPIVersion  # noqa: PLC0415
+
+    from lab.mosquitto import Mosquitto  # noqa: PLC0415
+
+    exe = Path(sys.executable).parent / "vcpu-agent"
+    with Mosquitto() as broker, tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "config.toml"
+        config.write_text(
+            f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\ntopic_prefix = "{PREFIX}"\n'
+        )
+        stamps = Path(tmp) / "stamps"
+        hook = f"sh -c 'echo $VCPU_DOMAIN $VCPU_INDEX $VCPU_SEQ $(date +%s.%N) >> {stamps}'"
+        react = subprocess.Popen(
+            [
+                str(exe),
+                "react",
+                "--config",
+                str(config),
+                "--exec",
+                hook,
+                "--ledger",
+                str(Path(tmp) / "ledger"),
+                "--concurrency",
+                "8",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ},
+        )
+        try:
+            time.sleep(2.0)  # connected and subscribed (a bench, not a test)
+            pub = paho.Client(CallbackAPIVersion.VERSION2)
+            pub.connect("127.0.0.1", broker.port)
+            pub.loop_start()
+            sent: dict[tuple[str, str, str], float] = {}
+            for topic, data in messages(count):
+                body = json.loads(data)
+                sent[(body["domain"], str(body["vcpu"]), str(body["seq"]))] = time.time()
+                pub.publish(topic, data, qos=1).wait_for_publish(5)
+                time.sleep(0.02)  # one every 20 ms: latency, not throughput
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                lines = stamps.read_text().splitlines() if stamps.exists() else []
+                if len(lines) >= count:
+                    break
+                time.sleep(0.1)
+            pub.loop_stop()
+            pub.disconnect()
+        finally:
+            react.terminate()
+            react.wait(30)
+        out = []
+        for line in lines:
+            domain, vcpu, seq, at = line.split()
+            out.append((float(at) - sent[(domain, vcpu, seq)]) * 1000)
+        return sorted(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--broker", action="store_true", help="also through a real mosquitto")
+    parser.add_argument(
+        "--react-latency",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also: publish -> hook start through vcpu-agent react, N transitions",
+    )
     args = parser.parse_args()
     msgs = messages(args.events)
     print(f"{args.events} transition messages, {len(msgs[0][1])} bytes each")
@@ -163,6 +239,13 @@ def main() -> None:
         print("through mosquitto (queued in a durable session, then consumed):")
         for name, per_s in bench_broker(msgs):
             print(f"  {name:<26} {per_s:>10,.0f} events/s")
+    if args.react_latency:
+        ms = bench_react_latency(args.react_latency)
+        p50, p99 = ms[len(ms) // 2], ms[min(len(ms) - 1, int(len(ms) * 0.99))]
+        print(
+            f"publish -> hook start via react, {len(ms)} transitions: "
+            f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {ms[-1]:.1f} ms"
+        )
 
 
 if __name__ == "__main__":
