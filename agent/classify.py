@@ -36,6 +36,8 @@ from agent.model import (
 # A share this close to 1 means "the whole interval": the change happened earlier.
 _WHOLE = 0.98
 _TICK_SLACK = 0.021  # seconds: two steps of vcpu.<n>.time, plus rounding
+# Records whose vcpu.current bounds the online vCPUs.
+_STRUCTURED = frozenset({RecordOrigin.BULK, RecordOrigin.SCHEDSTAT})
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +134,7 @@ def evidence(
     if domain.origin is RecordOrigin.STATE_ONLY:
         return Evidence(VcpuState.UNKNOWN, Source.DOMSTATE, None, immediate=False)
     if (
-        domain.origin is RecordOrigin.BULK
+        domain.origin in _STRUCTURED
         and domain.vcpu_current is not None
         and record.vcpu >= domain.vcpu_current
     ):
@@ -144,7 +146,13 @@ def evidence(
     if record.halted is not None:
         state = VcpuState.HALTED if record.halted else VcpuState.RUNNING
         return Evidence(state, Source.LIBVIRT, float(record.halted), immediate=True)
-    if prev is not None and prev.kvm and prev.active and record.halt_wait_ns is None:
+    if (
+        prev is not None
+        and prev.kvm
+        and prev.active
+        and record.halt_wait_ns is None
+        and domain.origin is not RecordOrigin.SCHEDSTAT
+    ):
         # KVM's stats come from QEMU's monitor; a NOWAIT sample skips them when the
         # domain's job is stuck (a frozen QEMU, a hung monitor). CPU time alone would
         # call the frozen vCPUs halted: say we cannot tell.
@@ -265,8 +273,14 @@ def observe(
         return prev  # the same sample again (or an older one): nothing new
     ev = evidence(prev, record, domain, th)
     dt = domain.t_mono - prev.t_mono if prev is not None else 0.0
+    # Counters from /proc (SCHEDSTAT) never carry KVM's stats: their absence there
+    # says nothing about a stuck monitor.
     kvm = record.halt_wait_ns is not None or (
-        prev is not None and prev.kvm and prev.active and domain.state.vcpus_active
+        prev is not None
+        and prev.kvm
+        and prev.active
+        and domain.state.vcpus_active
+        and domain.origin is not RecordOrigin.SCHEDSTAT
     )
     share = ev.share if ev is not None and not ev.immediate else None
     if ev is None:

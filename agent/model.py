@@ -94,6 +94,9 @@ class RecordOrigin(enum.StrEnum):
     BULK = "bulk"  # virConnectGetAllDomainStats / virDomainListGetStats, VCPU group
     VCPUINFO = "vcpuinfo"  # virDomainGetVcpus: drivers without a bulk VCPU group
     STATE_ONLY = "state-only"  # the VCPU group was missing (inactive, or NOWAIT skipped it)
+    # A BULK record's structure (state, online vCPUs) with each vCPU's run and wait
+    # counters read from /proc/<qemu pid>/task/<tid>/schedstat (agent/schedstat.py).
+    SCHEDSTAT = "schedstat"
 
 
 class VcpuRecord(NamedTuple):

@@ -3,11 +3,19 @@
 One task runs the sampling loop below; the publisher runs its own connection
 task. libvirt callbacks arrive as ``SourceEvent``s on ``self._events``.
 
-    tick (every sampling.interval)  -> bulk sample  -> advance -> render -> publish
+    tick (every sampling.interval)  -> every vCPU's counters -> advance -> render
+                                       -> publish
     lifecycle event                 -> publish it, re-sample that domain now and
                                        again after sampling.event_followup
     connection lost                 -> reconnect with backoff, rebaseline (first
                                        decisions marked resync)
+
+A tick reads the counters of domains that ``agent/schedstat.py`` serves from
+/proc (no libvirt call, nothing asked of QEMU); the libvirt bulk call runs on
+ticks while some running domain is not served, and at least every
+``LIBVIRT_INTERVAL`` for what only libvirt knows (domain state, online vCPUs,
+s390's halted flag). Every libvirt sample re-attaches the domains it returns, so
+a restarted QEMU or a hot-plugged vCPU is found again (docs/design.md, "Sampling").
 
 At start the renderer is seeded with the outbox's chain (what subscribers were
 told), so a change that happened while the agent was down is told as a resync
@@ -31,6 +39,7 @@ from agent.delivery import MemoryOutbox, Outbox
 from agent.model import DomainRecord, LifecycleEvent
 from agent.publisher import Publisher
 from agent.render import Renderer
+from agent.schedstat import SchedstatSource
 from agent.schedule import Resamples
 from agent.sdnotify import Notifier
 from agent.source import (
@@ -49,6 +58,9 @@ log = logs.get("agent.service")
 
 STOP_TIMEOUT = 3.0  # seconds to flush the broker on SIGTERM (the unit allows 5 s)
 READY_MQTT_WAIT = 10.0  # how long READY waits for the broker before going ahead
+# While /proc serves every running domain, the libvirt bulk call (domain state,
+# online vCPUs) runs this often, seconds; never more often than sampling.interval.
+LIBVIRT_INTERVAL = 5.0
 
 
 class Service:
@@ -83,6 +95,11 @@ class Service:
             keepalive=(cfg.libvirt.keepalive_interval, cfg.libvirt.keepalive_count),
             on_event=self._events.put_nowait,
         )
+        self.fast = SchedstatSource()
+        # The last libvirt record of each domain the fast path serves: its structure
+        # (domain state, online vCPUs) for records built from /proc between calls.
+        self._bases: dict[str, DomainRecord] = {}
+        self._proc_said: dict[str, str] = {}  # UUID -> last logged reason ("" = served)
         self._stop = asyncio.Event()
         self.resamples = Resamples(
             followup=cfg.sampling.event_followup, confirm_after=cfg.sampling.confirm_after
@@ -134,6 +151,7 @@ class Service:
                 await main
             await self.source.close()
             self.source.shutdown()
+            self.fast.close()
             await self.publisher.stop(STOP_TIMEOUT)
             mqtt_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -148,18 +166,25 @@ class Service:
     async def _main(self) -> None:
         await self._connect_libvirt()
         interval = self.cfg.sampling.interval
-        next_tick = time.monotonic()
+        slow = max(interval, LIBVIRT_INTERVAL)
+        next_tick = next_libvirt = time.monotonic()
         while not self._stop.is_set():
             now = time.monotonic()
             if now >= next_tick:
-                await self._sample_all()
+                if now >= next_libvirt or not self._all_fast():
+                    await self._sample_all()
+                    next_libvirt = now + slow
+                else:
+                    self._sample_fast(set(self._bases))
                 next_tick += interval
                 if next_tick < time.monotonic():  # fell behind: do not burst to catch up
                     next_tick = time.monotonic() + interval
                 continue
             due = self.resamples.take(now, stalled=self.source.stalled)
             if due:
-                await self._sample_some(due)
+                fast = self._sample_fast(due & self._bases.keys())
+                if due - fast:
+                    await self._sample_some(due - fast)
                 continue
             resample_at = self.resamples.next_at()
             wake = next_tick if resample_at is None else min(next_tick, resample_at)
@@ -217,6 +242,9 @@ class Service:
         )
         out = self.renderer.lifecycle(event)
         self.publisher.publish(out.message, out.told)
+        # Its state changed: /proc cannot tell a paused vCPU from a halted one, so
+        # the domain waits for libvirt's look before the fast path serves it again.
+        self._bases.pop(event.uuid, None)
         self.resamples.lifecycle(event.uuid, time.monotonic())
 
     # -- samples ---------------------------------------------------------------------
@@ -239,7 +267,12 @@ class Service:
             return
         for fault in (self._busy, self._stalled, self._failed):
             fault.clear()
-        self._apply(records, complete=True)
+        self.fast.retain(r.uuid for r in records)
+        for uuid in self._proc_said.keys() - {r.uuid for r in records}:
+            del self._proc_said[uuid]
+        for uuid in [u for u in self._bases if u not in self.fast]:
+            del self._bases[uuid]
+        self._apply(self._from_proc(records), complete=True)
         self.samples += 1
         self._after_sample()
 
@@ -249,10 +282,61 @@ class Service:
         except SourceError as err:
             self._failed.hit(reason=str(err), domains=len(uuids))
             return
-        self._apply(records, complete=False)
+        self._apply(self._from_proc(records), complete=False)
         for uuid in gone:
             self.host, changes = retire(self.host, uuid)
             self._publish(changes)
+
+    def _from_proc(self, records: list[DomainRecord]) -> list[DomainRecord]:
+        """libvirt's records, with the counters of every domain /proc serves read
+        from /proc right now: one counter stream per domain, whichever the call."""
+        out = []
+        for record in records:
+            fresh = None
+            if self.fast.attach(record):
+                fresh = self.fast.read(record, time.monotonic(), time.time())
+            if fresh is None:
+                self._bases.pop(record.uuid, None)
+                out.append(record)
+            else:
+                self._bases[record.uuid] = record
+                out.append(fresh)
+            self._log_proc(record, fresh is not None)
+        return out
+
+    def _log_proc(self, record: DomainRecord, served: bool) -> None:
+        """Say once per change which source a domain's counters come from, and why."""
+        why = "" if served else self.fast.refused.get(record.uuid, "not running")
+        if self._proc_said.get(record.uuid) == why:
+            return
+        self._proc_said[record.uuid] = why
+        if served:
+            log.info("schedstat.serving", domain=record.name, uuid=record.uuid)
+        elif record.state.vcpus_active:
+            log.info("schedstat.unavailable", domain=record.name, uuid=record.uuid, reason=why)
+
+    def _all_fast(self) -> bool:
+        """Whether /proc serves every running domain of the last libvirt sample."""
+        return all(
+            not d.state.vcpus_active or u in self._bases for u, d in self.host.domains.items()
+        )
+
+    def _sample_fast(self, uuids: set[str]) -> set[str]:
+        """Read these domains' counters from /proc; return the ones it served."""
+        if not uuids:
+            return set()
+        t_mono, t_wall = time.monotonic(), time.time()
+        records = []
+        for uuid in uuids:
+            base = self._bases.get(uuid)
+            record = None if base is None else self.fast.read(base, t_mono, t_wall)
+            if record is None:
+                self._bases.pop(uuid, None)  # a thread is gone: libvirt looks next tick
+            else:
+                records.append(record)
+        if records:
+            self._apply(records, complete=False)
+        return {r.uuid for r in records}
 
     def _apply(self, records: list[DomainRecord], *, complete: bool) -> None:
         records = [r for r in records if self._fits(r.uuid, r.name)]

@@ -1,0 +1,245 @@
+"""vCPU counters straight from the kernel: /proc/<qemu pid>/task/<tid>/schedstat.
+
+QEMU names each vCPU thread ``CPU <n>/KVM`` or ``CPU <n>/TCG`` (libvirt starts
+it with ``-name ...,debug-threads=on``), and the kernel keeps, per thread, the
+time it ran and the time it waited runnable for a host CPU, both in ns:
+``/proc/<pid>/task/<tid>/schedstat`` is ``<run ns> <run-queue wait ns> <slices>``.
+libvirt's own ``vcpu.<n>.time`` is the same thread's utime + stime in 10 ms
+ticks, and its ``vcpu.<n>.delay`` is the same wait field (docs/platform.md has
+the measurement), so these records continue a libvirt stream of the same
+domain. Reading them asks nothing of libvirtd or QEMU: no RPC, no monitor
+command, no vCPU kicked out of the guest.
+
+Finding the threads (docs/platform.md, "The schedstat source"):
+
+- the pid from libvirt's ``/run/libvirt/qemu/<name>.pid``, accepted only if that
+  process's command line carries ``-uuid <the domain's UUID>`` (a stale pid file,
+  or a pid reused by another process, is refused);
+- the vCPU threads by name in ``/proc/<pid>/task/*/comm``. Single-threaded TCG
+  runs every vCPU in one thread, ``ALL CPUs/TCG``: no per-vCPU counters there, so
+  such a domain stays with libvirt;
+- each thread's schedstat file is opened once and re-read with ``pread`` at
+  offset 0. An open /proc file is bound to that very task: a thread that exits
+  (unplug, QEMU stopped) makes the read fail with ESRCH, and a recycled pid or tid
+  can never be read through it. A failed read drops the domain's threads; the next
+  libvirt sample finds them again (a restart, a hot-plugged vCPU).
+
+Nothing here blocks: /proc reads take no lock QEMU or libvirtd holds, so they
+run on the event loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from agent.model import DomainRecord, RecordOrigin, VcpuRecord, VcpuRunState
+
+RUN_DIR = Path("/run/libvirt/qemu")
+PROC = Path("/proc")
+_VCPU_THREAD = re.compile(r"CPU (\d+)/(KVM|TCG|HVF|WHPX|NVMM)")
+SINGLE_THREADED = "ALL CPUs/TCG"  # QEMU's round-robin TCG: one thread for all vCPUs
+
+
+class UnavailableError(Exception):
+    """This domain's vCPU threads cannot be read from /proc; ``str()`` says why."""
+
+
+@dataclass(slots=True)
+class _Threads:
+    """One domain's QEMU process and the open schedstat file of each vCPU thread."""
+
+    pid: int
+    fds: dict[int, int]  # vCPU number -> fd of its thread's schedstat
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def parse_schedstat(raw: bytes) -> tuple[int, int]:
+    """``b"<run ns> <wait ns> <slices>\\n"`` -> (run ns, wait ns)."""
+    fields = raw.split()
+    if len(fields) < 2:
+        raise ValueError(f"schedstat: expected 3 fields, got {raw!r}")
+    return int(fields[0]), int(fields[1])
+
+
+def vcpu_of_thread(comm: str) -> int | None:
+    """``CPU 3/KVM`` -> 3; any other thread name -> None."""
+    m = _VCPU_THREAD.fullmatch(comm.strip())
+    return int(m.group(1)) if m else None
+
+
+class SchedstatSource:
+    """Per-vCPU run and wait counters of running QEMU domains, read from /proc.
+
+    ``attach`` (after each libvirt sample) finds or checks a domain's threads;
+    ``read`` builds a fresh record from a libvirt record's structure (domain state,
+    online vCPUs, run states) and the threads' counters now.
+    """
+
+    def __init__(self, *, run_dir: Path = RUN_DIR, proc: Path = PROC) -> None:
+        self.run_dir = run_dir
+        self.proc = proc
+        self._domains: dict[str, _Threads] = {}  # UUID -> threads
+        self.refused: dict[str, str] = {}  # UUID -> why it stays with libvirt
+
+    def __contains__(self, uuid: str) -> bool:
+        return uuid in self._domains
+
+    def attach(self, record: DomainRecord) -> bool:
+        """Make sure ``record``'s domain is served; False (reason in ``refused``) if not.
+
+        Only a running domain whose every online vCPU has a thread of its own is
+        served. Cheap when nothing changed: one pid-file read.
+        """
+        uuid = record.uuid
+        if not record.state.vcpus_active or record.vcpu_current is None:
+            self.forget(uuid)
+            return False
+        if any(v.halted is not None for v in record.vcpus):
+            # s390: libvirt's halted flag is a fact /proc cannot tell.
+            self._refuse(uuid, "libvirt reports vcpu.<n>.halted (s390)")
+            return False
+        wanted = {v.vcpu for v in record.vcpus[: record.vcpu_current]}
+        wanted -= {v.vcpu for v in record.vcpus if v.state == VcpuRunState.OFFLINE}
+        try:
+            pid = self._pid(record.name)
+            have = self._domains.get(uuid)
+            if have is not None and (have.pid != pid or not wanted <= have.fds.keys()):
+                self.forget(uuid)
+                have = None
+            if have is None:
+                self._domains[uuid] = self._open(pid, uuid, wanted)
+        except UnavailableError as err:
+            self._refuse(uuid, str(err))
+            return False
+        self.refused.pop(uuid, None)
+        return True
+
+    def read(self, base: DomainRecord, t_mono: float, t_wall: float) -> DomainRecord | None:
+        """``base`` with every served vCPU's counters read now; None if a thread is gone."""
+        threads = self._domains.get(base.uuid)
+        if threads is None:
+            return None
+        fds = threads.fds
+        vcpus = []
+        try:
+            for v in base.vcpus:
+                fd = fds.get(v.vcpu)
+                if fd is None:
+                    vcpus.append(VcpuRecord(v.vcpu, v.state))
+                    continue
+                run, wait = parse_schedstat(os.pread(fd, 96, 0))
+                vcpus.append(VcpuRecord(v.vcpu, v.state, run, None, None, wait))
+        except (OSError, ValueError):
+            # ESRCH: the thread exited (unplug, QEMU gone). Drop the domain: the
+            # next libvirt sample attaches again or says why not.
+            self.forget(base.uuid)
+            return None
+        return replace(
+            base,
+            origin=RecordOrigin.SCHEDSTAT,
+            vcpus=tuple(vcpus),
+            t_mono=t_mono,
+            t_wall=t_wall,
+            took=0.0,
+        )
+
+    def forget(self, uuid: str) -> None:
+        threads = self._domains.pop(uuid, None)
+        if threads is not None:
+            threads.close()
+
+    def retain(self, uuids: Iterable[str]) -> None:
+        """Forget every domain not in ``uuids`` (after a complete libvirt sample)."""
+        keep = set(uuids)
+        for uuid in [u for u in self._domains if u not in keep]:
+            self.forget(uuid)
+        for uuid in [u for u in self.refused if u not in keep]:
+            del self.refused[uuid]
+
+    def close(self) -> None:
+        for uuid in list(self._domains):
+            self.forget(uuid)
+
+    # -- discovery ------------------------------------------------------------------
+
+    def _refuse(self, uuid: str, why: str) -> None:
+        self.forget(uuid)
+        self.refused[uuid] = why
+
+    def _pid(self, name: str) -> int:
+        path = self.run_dir / f"{name}.pid"
+        try:
+            return int(path.read_text().strip())
+        except (OSError, ValueError) as err:
+            raise UnavailableError(f"{path}: {err}") from err
+
+    def _start_time(self, pid: int) -> int:
+        raw = (self.proc / str(pid) / "stat").read_text()
+        return int(raw[raw.rindex(")") + 2 :].split()[19])  # field 22: starttime
+
+    def _open(self, pid: int, uuid: str, wanted: set[int]) -> _Threads:
+        base = self.proc / str(pid)
+        try:
+            start = self._start_time(pid)
+            self._check_uuid(base, uuid)
+            tids = os.listdir(base / "task")
+        except (OSError, ValueError, IndexError) as err:
+            # ProtectProc=invisible hides other users' processes: ENOENT here.
+            raise UnavailableError(f"{base}: {err}") from err
+        threads = _Threads(pid, {})
+        try:
+            self._open_vcpus(base, tids, wanted, threads.fds)
+            self._same_process(pid, start)
+        except BaseException:
+            threads.close()
+            raise
+        return threads
+
+    def _same_process(self, pid: int, start: int) -> None:
+        """The pid may have died and been reused between the checks and the opens:
+        the same start time after opening means the files belong to the process."""
+        try:
+            same = self._start_time(pid) == start
+        except (OSError, ValueError, IndexError) as err:
+            raise UnavailableError(f"pid {pid}: {err}") from err
+        if not same:
+            raise UnavailableError(f"pid {pid} was replaced while its threads were opened")
+
+    @staticmethod
+    def _open_vcpus(base: Path, tids: list[str], wanted: set[int], fds: dict[int, int]) -> None:
+        """Open the schedstat file of each wanted vCPU's thread into ``fds``."""
+        for tid in tids:
+            try:
+                comm = (base / "task" / tid / "comm").read_text()
+            except OSError:
+                continue  # the thread exited meanwhile
+            if comm.strip() == SINGLE_THREADED:
+                raise UnavailableError("single-threaded TCG: one thread runs every vCPU")
+            n = vcpu_of_thread(comm)
+            if n is not None and n in wanted and n not in fds:
+                path = base / "task" / tid / "schedstat"
+                try:
+                    fds[n] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError as err:
+                    raise UnavailableError(f"{path}: {err}") from err
+        missing = wanted - fds.keys()
+        if missing:
+            raise UnavailableError(f"{base}: no thread for vCPU(s) {sorted(missing)}")
+
+    @staticmethod
+    def _check_uuid(base: Path, uuid: str) -> None:
+        args = (base / "cmdline").read_bytes().split(b"\0")
+        want = uuid.lower().encode()
+        for flag, value in itertools.pairwise(args):
+            if flag == b"-uuid" and value.lower() == want:
+                return
+        raise UnavailableError(f"{base}: not the QEMU of domain {uuid} (no -uuid {uuid})")

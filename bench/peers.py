@@ -1,0 +1,424 @@
+"""What sampling every vCPU costs the host: the agent beside the raw call and its peers.
+
+    python bench/peers.py --virt tcg --guests 8 [--window 30] [--tools raw,agent,...]
+
+Starts ``--guests`` lab guests (2 vCPUs each, both online; vCPU 0 runs the
+toggler with a 10 ms busy phase then halts for 655 s, vCPU 1 stays parked: a
+quiet host, nothing changes state) under the lab's libvirtd, then runs each
+tool alone, one after another, each for a warm-up and a measured ``--window``:
+
+- ``raw``: a Python loop calling ``getAllDomainStats(VCPU|STATE, NOWAIT)`` on a
+  read-only connection every second (what the agent must at least do);
+- ``agent``: ``vcpu-agent run`` with the shipped defaults (SQLite spool, 1 s
+  interval, read-only socket), as user ``nobody`` (the unit runs as a
+  DynamicUser), against a lab mosquitto;
+- ``agent-fast``: the same at ``sampling.interval = --fast-interval``;
+- ``collectd``: Debian's collectd 5.12 with the ``virt`` plugin at ``Interval 1``
+  (defaults otherwise) and the ``network`` plugin sending to a UDP port (how
+  collectd is usually deployed);
+- ``exporter``: Debian's prometheus-libvirt-exporter, scraped every second by
+  this script (the scraper's own CPU is not counted).
+
+For each tool it prints per sample: the tool's own CPU; libvirtd's and the
+guests' QEMU processes' extra CPU (their CPU in the window minus what they spent
+per second in idle windows with no tool running, before and after); the wall
+time of a sample where the tool exposes it; and the tool's RSS at the end. CPU is
+summed over every thread's ``/proc/<pid>/task/<tid>/schedstat`` (ns; bench/procs.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import platform
+import pwd
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+import libvirt
+
+# Runnable as `python bench/peers.py` from the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import procs
+from lab.domains import GuestPool, GuestSpec
+from lab.guest import build_toggler_image
+from lab.kvm import VirtType
+from lab.libvirtd import Libvirtd
+from lab.mosquitto import Mosquitto, free_port
+
+BOOT_TIMEOUT_S = 180.0
+USER = "nobody"
+# The repository's .venv links to an interpreter under /root, which user nobody
+# cannot reach: like the unit's /opt/vcpu-agent, a venv of the system Python:
+#   python3 -m venv /opt/vcpu-agent-bench && /opt/vcpu-agent-bench/bin/pip install -e .
+AGENT = "/opt/vcpu-agent-bench/bin/vcpu-agent"
+
+RAW_LOOP = """
+import sys, time, libvirt
+libvirt.registerErrorHandler(lambda *a: None, None)
+conn = libvirt.openReadOnly("qemu:///system")
+flags = libvirt.VIR_DOMAIN_STATS_VCPU | libvirt.VIR_DOMAIN_STATS_STATE
+nowait = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
+interval = float(sys.argv[1])
+nxt = time.monotonic()
+while True:
+    t0 = time.monotonic()
+    stats = conn.getAllDomainStats(flags, nowait)
+    print(f"{(time.monotonic() - t0) * 1000:.3f} {len(stats)}", flush=True)
+    nxt += interval
+    time.sleep(max(0.0, nxt - time.monotonic()))
+"""
+
+COLLECTD_CONF = """\
+Hostname "bench"
+FQDNLookup false
+Interval 1
+BaseDir "{dir}"
+PIDFile "{dir}/collectd.pid"
+PluginDir "/usr/lib/collectd"
+TypesDB "/usr/share/collectd/types.db"
+LoadPlugin logfile
+<Plugin logfile>
+  LogLevel info
+  File "{dir}/collectd.log"
+</Plugin>
+LoadPlugin virt
+<Plugin virt>
+  Connection "qemu:///system"
+</Plugin>
+LoadPlugin network
+<Plugin network>
+  Server "127.0.0.1" "{port}"
+</Plugin>
+"""
+
+
+@dataclass
+class Tool:
+    name: str
+    argv: list[str]
+    interval: float  # seconds per sample
+    user: str | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    walls_ms: list[float] = field(default_factory=list)  # per-sample wall time, if seen
+    samples: int = 0  # counted samples in the window, when the tool shows them
+    note: str = ""
+
+    def start(self, workdir: Path) -> None:
+        log = (workdir / f"{self.name}.log").open("wb")
+        preexec = None
+        if self.user is not None:
+            pw = pwd.getpwnam(self.user)
+
+            def preexec() -> None:
+                os.setgroups([])
+                os.setgid(pw.pw_gid)
+                os.setuid(pw.pw_uid)
+
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if self.name == "raw" else log,
+            stderr=log,
+            cwd=workdir,
+            preexec_fn=preexec,  # noqa: PLW1509 - setuid before exec, no threads touched
+            start_new_session=True,
+        )
+        if self.name == "raw":
+            threading.Thread(target=self._read_raw, daemon=True).start()
+
+    def _read_raw(self) -> None:
+        assert self.proc is not None
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.walls_ms.append(float(line.split()[0]))
+
+    def pids(self) -> list[int]:
+        assert self.proc is not None
+        return procs.children(self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    tool: str
+    samples: float
+    own_ms: float
+    libvirtd_ms: float
+    qemu_ms: float
+    wall_p50_ms: float | None
+    wall_max_ms: float | None
+    rss_mib: float
+    note: str
+
+    @property
+    def total_ms(self) -> float:
+        return self.own_ms + self.libvirtd_ms + self.qemu_ms
+
+
+class Scraper:
+    """Prometheus in miniature: GET /metrics every ``interval`` on one connection."""
+
+    def __init__(self, port: int, interval: float) -> None:
+        self.port, self.interval = port, interval
+        self.walls_ms: list[float] = []
+        self.bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        nxt = time.monotonic()
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            try:
+                conn.request("GET", "/metrics")
+                body = conn.getresponse().read()
+                self.walls_ms.append((time.monotonic() - t0) * 1000)
+                self.bytes = len(body)
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+            nxt += self.interval
+            self._stop.wait(max(0.0, nxt - time.monotonic()))
+        conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def agent_config(workdir: Path, broker_port: int, extra: str) -> Path:
+    """Shipped defaults except what a test host must change: broker, prefix, spool path."""
+    cfg = workdir / "agent.toml"
+    cfg.write_text(
+        '[agent]\nhost_id = "peers"\n\n'
+        f"[sampling]\n{extra}\n"
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {broker_port}\ntopic_prefix = "peers"\n\n'
+        f'[spool]\npath = "{workdir / "spool.sqlite3"}"\n\n'
+        '[log]\nformat = "json"\n'
+    )
+    return cfg
+
+
+def make_tools(args: argparse.Namespace, workdir: Path, broker_port: int) -> dict[str, Tool]:
+    py = sys.executable
+    tools: dict[str, Tool] = {
+        "raw": Tool("raw", [py, "-c", RAW_LOOP, "1.0"], 1.0),
+    }
+    for name, extra, interval in (
+        ("agent", "", 1.0),
+        ("agent-fast", f"interval = {args.fast_interval}\n", args.fast_interval),
+    ):
+        adir = workdir / name
+        adir.mkdir()
+        cfg = agent_config(adir, broker_port, extra)
+        pw = pwd.getpwnam(USER)
+        for p in (adir, cfg):
+            os.chown(p, pw.pw_uid, pw.pw_gid)
+        tools[name] = Tool(name, [args.agent, "run", "--config", str(cfg)], interval, user=USER)
+    cdir = workdir / "collectd"
+    cdir.mkdir()
+    conf = cdir / "collectd.conf"
+    conf.write_text(COLLECTD_CONF.format(dir=cdir, port=free_port()))
+    tools["collectd"] = Tool("collectd", ["collectd", "-f", "-C", str(conf)], 1.0)
+    port = free_port()
+    tools["exporter"] = Tool(
+        "exporter",
+        [
+            "prometheus-libvirt-exporter",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--libvirt.uri=qemu:///system",
+        ],
+        1.0,
+        note=f"port {port}",
+    )
+    return tools
+
+
+class Host:
+    """The processes whose extra CPU a tool causes: libvirtd and our guests' QEMUs."""
+
+    def __init__(self, qemu_pids: list[int]) -> None:
+        found = procs.pids_named("libvirtd")
+        if len(found) != 1:
+            raise SystemExit(f"expected one libvirtd, found {found}")
+        self.libvirtd = found[0]
+        self.qemu = qemu_pids
+
+    def read(self) -> tuple[int, int]:
+        return procs.thread_ns(self.libvirtd), procs.cpu_ns(self.qemu)
+
+
+def idle_rates(host: Host, seconds: float) -> tuple[float, float]:
+    """libvirtd and QEMU CPU per second of wall time with no tool running, ns/s."""
+    (l0, q0), t0 = host.read(), time.monotonic()
+    time.sleep(seconds)
+    (l1, q1), t1 = host.read(), time.monotonic()
+    return (l1 - l0) / (t1 - t0), (q1 - q0) / (t1 - t0)
+
+
+def measure(
+    tool: Tool, host: Host, workdir: Path, args: argparse.Namespace, idle: tuple[float, float]
+) -> tuple[Row, tuple[float, float]]:
+    tool.start(workdir)
+    scraper = None
+    try:
+        if tool.name == "exporter":
+            port = int(tool.note.split()[1])
+            scraper = Scraper(port, tool.interval)
+            scraper.start()
+        time.sleep(args.warmup)
+        if tool.proc is None or tool.proc.poll() is not None:
+            log = (workdir / f"{tool.name}.log").read_text()[-2000:]
+            raise SystemExit(f"{tool.name} exited early:\n{log}")
+        pids = tool.pids()
+        walls0 = len(scraper.walls_ms if scraper else tool.walls_ms)
+        own0, (l0, q0), t0 = procs.cpu_ns(pids), host.read(), time.monotonic()
+        time.sleep(args.window)
+        own1, (l1, q1), t1 = procs.cpu_ns(pids), host.read(), time.monotonic()
+        rss = sum(procs.rss_kib(p) for p in pids) / 1024
+    finally:
+        if scraper is not None:
+            scraper.stop()
+        tool.stop()
+    after = idle_rates(host, args.idle)
+    base_l = (idle[0] + after[0]) / 2
+    base_q = (idle[1] + after[1]) / 2
+    dt = t1 - t0
+    walls = (scraper.walls_ms if scraper else tool.walls_ms)[walls0:]
+    samples = len(walls) if walls else dt / tool.interval
+    row = Row(
+        tool=tool.name,
+        samples=samples,
+        own_ms=(own1 - own0) / samples / 1e6,
+        libvirtd_ms=(l1 - l0 - base_l * dt) / samples / 1e6,
+        qemu_ms=(q1 - q0 - base_q * dt) / samples / 1e6,
+        wall_p50_ms=statistics.median(walls) if walls else None,
+        wall_max_ms=max(walls) if walls else None,
+        rss_mib=rss,
+        note=f"{scraper.bytes} B/scrape" if scraper else "",
+    )
+    return row, after
+
+
+def fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def print_table(rows: list[Row], head: str) -> None:
+    print(head)
+    print(
+        "| tool | samples | own CPU ms/sample | libvirtd extra ms | QEMU extra ms "
+        "| total ms | wall p50 / max ms | RSS MiB | note |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        print(
+            f"| {r.tool} | {r.samples:.0f} | {r.own_ms:.3f} | {r.libvirtd_ms:.3f} | "
+            f"{r.qemu_ms:.3f} | {r.total_ms:.3f} | {fmt(r.wall_p50_ms)} / {fmt(r.wall_max_ms)} "
+            f"| {r.rss_mib:.1f} | {r.note} |"
+        )
+    raw = next((r for r in rows if r.tool == "raw"), None)
+    if raw is not None:
+        for r in rows:
+            if r.tool != "raw":
+                print(
+                    f"{r.tool}: own {r.own_ms / raw.own_ms:.2f}x the raw call's caller, "
+                    f"own+libvirtd+QEMU {r.total_ms / raw.total_ms:.2f}x the raw call's"
+                )
+
+
+def machine_line() -> str:
+    version = subprocess.run(
+        ["virsh", "-c", "qemu:///system", "version"], capture_output=True, text=True, check=False
+    ).stdout
+    lib = " / ".join(v.strip() for v in version.splitlines() if v.strip())
+    return f"nproc {os.cpu_count()}, kernel {platform.release()}, {lib}"
+
+
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def main() -> int:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--virt", choices=("tcg", "kvm"), default="tcg")
+    parser.add_argument("--guests", type=int, default=8)
+    parser.add_argument("--window", type=float, default=30.0, help="measured seconds per tool")
+    parser.add_argument("--warmup", type=float, default=6.0, help="seconds before measuring")
+    parser.add_argument("--idle", type=float, default=10.0, help="idle window after each tool")
+    parser.add_argument("--fast-interval", type=float, default=0.2)
+    parser.add_argument("--tools", default="raw,agent,collectd,exporter")
+    parser.add_argument(
+        "--agent",
+        default=AGENT,
+        help="the vcpu-agent entry point, in a venv user nobody can run (see --help)",
+    )
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="vcpu-peers-"))
+    workdir.chmod(0o755)
+    try:
+        with Libvirtd() as daemon, Mosquitto(workdir=workdir) as broker:
+            if args.virt == "kvm" and not daemon.kvm.usable:
+                raise SystemExit(f"KVM unusable: {daemon.kvm.reason}")
+            virt: VirtType = "kvm" if args.virt == "kvm" else "qemu"
+            conn = libvirt.open(daemon.uri)
+            image = build_toggler_image(busy_s=0.01, halted_s=655.0, cache_dir=workdir)
+            with GuestPool(conn, prefix="vcpuagent-peers") as pool:
+                guests = [
+                    pool.start(GuestSpec(image=image, virt_type=virt, vcpus=2))
+                    for _ in range(args.guests)
+                ]
+                for g in guests:
+                    g.truth.wait_for(2, BOOT_TIMEOUT_S)  # booted, now halted for good
+                host = Host([procs.qemu_pid(g.name) for g in guests])
+                others = len(conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE))
+                tools = make_tools(args, workdir, broker.port)
+                print(f"{machine_line()}")
+                print(
+                    f"{args.virt.upper()}: {args.guests} guests x 2 online vCPUs, quiet "
+                    f"(halted); {others} running domains on the host; window {args.window} s "
+                    f"per tool, load {os.getloadavg()[0]:.2f}"
+                )
+                idle = idle_rates(host, args.idle)
+                rows = []
+                for name in args.tools.split(","):
+                    row, idle = measure(tools[name], host, workdir, args, idle)
+                    print(f"  {row}", flush=True)
+                    rows.append(row)
+                print(f"load at end {os.getloadavg()[0]:.2f}")
+            conn.close()
+        print_table(rows, f"\n{args.virt.upper()}, {args.guests} guests, per sample:")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
