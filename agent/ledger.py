@@ -14,8 +14,8 @@ a transition after the row recording it is committed (``agent.client``).
 
 Durability: WAL with ``synchronous=FULL``: a committed row survives a power cut,
 not only a crash of the process. Rows that finished more than ``retention``
-seconds ago are pruned at open (longer than any broker session, so no redelivery
-can outlive its row).
+seconds ago (14 days: longer than any broker session, so no redelivery can
+outlive its row) are pruned at open and every 10,000 writes.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from agent.chain import Seed
 from agent.payloads import Transition, decode
 
 Status = Literal["running", "done", "failed"]
+PRUNE_EVERY = 10_000
 Key = tuple[str, str, int, str, int]  # host, uuid, vcpu, epoch, seq
 # A whole-domain condition's episode (agent.conditions): host, uuid, condition, and the
 # epoch, vCPU and seq of the transition that completed it.
@@ -81,10 +82,18 @@ class Ledger:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
         self._in_tx = False
+        self.retention = retention
+        self._since_prune = 0
+        self.prune()
+
+    def prune(self) -> None:
+        """Forget finished rows older than ``retention`` (at open, then every
+        ``PRUNE_EVERY`` writes: a long-running subscriber's file stays bounded)."""
+        self._since_prune = 0
         for table in ("handled", "conditions"):
             self._db.execute(
                 f"DELETE FROM {table} WHERE status != 'running' AND updated < ?",  # noqa: S608
-                (time.time() - retention,),
+                (time.time() - self.retention,),
             )
 
     def close(self) -> None:
@@ -110,6 +119,9 @@ class Ledger:
         return None if row is None else row[0]
 
     def _put(self, t: Transition, status: Status, outcome: str, *, started: bool) -> None:
+        self._since_prune += 1
+        if self._since_prune >= PRUNE_EVERY:
+            self.prune()
         self._db.execute(
             "INSERT INTO handled VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT DO UPDATE SET status=excluded.status, outcome=excluded.outcome,"
