@@ -242,3 +242,27 @@ def test_the_hook_environment_carries_the_whole_event() -> None:
     assert env["VCPU_DOMAIN"] == "my vm"
     assert (env["VCPU_INDEX"], env["VCPU_TO"], env["VCPU_RERUN"]) == ("3", "halted", "1")
     assert env["VCPU_SEQ"] == "1"
+
+
+@pytest.mark.mqtt
+def test_a_late_duplicate_from_a_superseded_epoch_does_not_run_the_hook_again(
+    bus: Mosquitto, wire: Wire, prefix: str, tmp_path: Path, reacts: list[React]
+) -> None:
+    config = config_file(tmp_path, bus.port, prefix)
+    agent = FakeAgent(prefix=prefix)
+    u = new_uuid()
+    react = React(config, tmp_path, f"vcpu-react-test-{uuid.uuid4().hex[:8]}")
+    reacts.append(react)
+    old = agent.transition("web", u, 0)
+    wire.send(*old)
+    react.wait_log("react.hook_done", seq=1, epoch="e1")
+    agent.new_epoch("e2")  # a memory-only agent restarted
+    wire.send(*agent.transition("web", u, 0))
+    react.wait_log("react.hook_done", seq=1, epoch="e2")
+    wire.send(*old)  # e1's seq 1 once more: the chain tracker calls it stale, not a duplicate
+    react.wait_log("react.already_handled", seq=1, epoch="e1")
+    assert react.stop() == 0
+    assert [x for x in hook_lines(react.hook_log) if x.startswith("end")] == [
+        "end 0 1 0",
+        "end 0 1 0",
+    ]
