@@ -375,16 +375,10 @@ class Subscriber:
             if self._bad_log.active and time.monotonic() - self._last_bad > BAD_QUIET:
                 self._bad_log.clear()  # client.bad_message.ended
             events = self.tracker.feed(item)
-            if self.durable and raw.qos > 0:
-                if isinstance(item, Transition):
-                    key = key_of(item)
-                    delivered = any(e is item for e in events)
-                    if delivered or key in self._unacked:  # a redelivery waits with it
-                        self._unacked.setdefault(key, []).append((raw.mid, raw.qos))
-                    else:
-                        self._client.ack(raw.mid, raw.qos)
-                else:
-                    self._client.ack(raw.mid, raw.qos)
+            if self.ledger is not None and isinstance(item, Transition):
+                events = self._durable_transition(item, events, raw)
+            elif self.durable and raw.qos > 0:
+                self._client.ack(raw.mid, raw.qos)
             self._pending.extend(events)
             return
         if isinstance(item, BadMessage):
@@ -396,6 +390,27 @@ class Subscriber:
         self._pending.append(item)
 
     # -- durable: ledger, then ack ---------------------------------------------------------
+
+    def _durable_transition(self, t: Transition, events: list[Event], raw: _Raw) -> list[Event]:
+        assert self.ledger is not None
+        delivered = any(e is t for e in events)
+        if (
+            delivered
+            and self.tracker.epoch_of(t.host) != t.epoch
+            and self.ledger.status(t) in ("done", "failed")
+        ):
+            # A late copy from a superseded epoch moves no chain, so the tracker cannot
+            # call it a duplicate; the ledger can.
+            self.tracker.duplicates += 1
+            events = [e for e in events if e is not t]
+            delivered = False
+        if raw.qos > 0:
+            key = key_of(t)
+            if delivered or key in self._unacked:  # a redelivery waits with it
+                self._unacked.setdefault(key, []).append((raw.mid, raw.qos))
+            else:
+                self._client.ack(raw.mid, raw.qos)
+        return events
 
     def commit(self, t: Transition, status: Status = "done", outcome: str = "") -> None:
         """Record ``t`` as handled; it is acknowledged once the ledger committed."""

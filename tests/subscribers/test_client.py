@@ -148,6 +148,25 @@ def test_an_uncommitted_transition_is_redelivered_and_a_committed_one_never(
     assert Ledger(ledger).counts() == {"done": 2}
 
 
+def test_a_durable_subscriber_drops_a_late_copy_from_a_superseded_epoch_it_handled(
+    wire: Wire, mqtt_cfg: MakeCfg, prefix: str, tmp_path: Path
+) -> None:
+    agent = FakeAgent(prefix=prefix)
+    u = new_uuid()
+    with Subscriber(mqtt_cfg(), client_id=cid(), ledger=Ledger(tmp_path / "l.db")) as sub:
+        old = agent.transition("web", u, 0)
+        wire.send(*old)
+        agent.new_epoch("e2")
+        wire.send(*agent.transition("web", u, 0))
+        for t in [e for e in collect(sub, n_transitions(2)) if isinstance(e, Transition)]:
+            sub.commit(t)
+        wire.send(*old)  # stale to the chain tracker, handled says the ledger
+        wire.send(*agent.transition("web", u, 0))
+        got = [e for e in collect(sub, n_transitions(1)) if isinstance(e, Transition)]
+        assert [(t.epoch, t.seq) for t in got] == [("e2", 2)]
+        assert sub.counters["duplicates"] == 1
+
+
 def test_bad_input_from_the_bus_is_counted_and_never_stops_the_subscriber(
     wire: Wire, mqtt_cfg: MakeCfg, prefix: str
 ) -> None:

@@ -259,10 +259,12 @@ def test_a_late_duplicate_from_a_superseded_epoch_does_not_run_the_hook_again(
     agent.new_epoch("e2")  # a memory-only agent restarted
     wire.send(*agent.transition("web", u, 0))
     react.wait_log("react.hook_done", seq=1, epoch="e2")
-    wire.send(*old)  # e1's seq 1 once more: the chain tracker calls it stale, not a duplicate
-    react.wait_log("react.already_handled", seq=1, epoch="e1")
+    wire.send(*old)  # e1's seq 1 once more: stale to the chain tracker, known to the ledger
+    wire.send(*agent.transition("web", u, 0))
+    react.wait_log("react.hook_done", seq=2, epoch="e2")
     assert react.stop() == 0
     assert [x for x in hook_lines(react.hook_log) if x.startswith("end")] == [
         "end 0 1 0",
         "end 0 1 0",
+        "end 0 2 0",
     ]
