@@ -10,9 +10,11 @@ tool alone, one after another, each for a warm-up and a measured ``--window``:
 - ``raw``: a Python loop calling ``getAllDomainStats(VCPU|STATE, NOWAIT)`` on a
   read-only connection every second (what the agent must at least do);
 - ``agent``: ``vcpu-agent run`` with the shipped defaults (SQLite spool, 1 s
-  interval, read-only socket), as user ``nobody`` (the unit runs as a
-  DynamicUser), against a lab mosquitto;
-- ``agent-fast``: the same at ``sampling.interval = --fast-interval``;
+  interval, read-only socket) against a lab mosquitto; ``--user`` runs it as
+  another user (the unit runs as a DynamicUser), which needs libvirtd to reach
+  polkit over a system D-Bus: none runs here, so it runs as root by default;
+- ``agent-before``: the same with an older ``agent`` package (``--before``);
+- ``agent-fast``: the agent at ``sampling.interval = --fast-interval``;
 - ``collectd``: Debian's collectd 5.12 with the ``virt`` plugin at ``Interval 1``
   (defaults otherwise) and the ``network`` plugin sending to a UDP port (how
   collectd is usually deployed);
@@ -58,8 +60,7 @@ from lab.libvirtd import Libvirtd
 from lab.mosquitto import Mosquitto, free_port
 
 BOOT_TIMEOUT_S = 180.0
-USER = "nobody"
-# The repository's .venv links to an interpreter under /root, which user nobody
+# The repository's .venv links to an interpreter under /root, which another user
 # cannot reach: like the unit's /opt/vcpu-agent, a venv of the system Python:
 #   python3 -m venv /opt/vcpu-agent-bench && /opt/vcpu-agent-bench/bin/pip install -e .
 AGENT = "/opt/vcpu-agent-bench/bin/vcpu-agent"
@@ -231,15 +232,25 @@ def make_tools(args: argparse.Namespace, workdir: Path, broker_port: int) -> dic
     }
     for name, extra, interval in (
         ("agent", "", 1.0),
+        ("agent-before", "", 1.0),
         ("agent-fast", f"interval = {args.fast_interval}\n", args.fast_interval),
     ):
         adir = workdir / name
         adir.mkdir()
         cfg = agent_config(adir, broker_port, extra)
-        pw = pwd.getpwnam(USER)
-        for p in (adir, cfg):
-            os.chown(p, pw.pw_uid, pw.pw_gid)
-        tools[name] = Tool(name, [args.agent, "run", "--config", str(cfg)], interval, user=USER)
+        if args.user is not None:
+            pw = pwd.getpwnam(args.user)
+            for p in (adir, cfg):
+                os.chown(p, pw.pw_uid, pw.pw_gid)
+        argv = [args.agent]
+        if name == "agent-before":  # the editable install would win over PYTHONPATH
+            argv = [
+                str(Path(args.agent).with_name("python")),
+                "-c",
+                f"import sys; sys.path.insert(0, {args.before!r}); "
+                "from agent.cli import main; sys.exit(main())",
+            ]
+        tools[name] = Tool(name, [*argv, "run", "--config", str(cfg)], interval, user=args.user)
     cdir = workdir / "collectd"
     cdir.mkdir()
     conf = cdir / "collectd.conf"
@@ -295,6 +306,11 @@ def measure(
         if tool.proc is None or tool.proc.poll() is not None:
             log = (workdir / f"{tool.name}.log").read_text()[-2000:]
             raise SystemExit(f"{tool.name} exited early:\n{log}")
+        if tool.name.startswith("agent"):
+            log = (workdir / f"{tool.name}.log").read_text()
+            if '"agent.ready"' not in log:
+                raise SystemExit(f"{tool.name} is not sampling:\n{log[-2000:]}")
+            tool.note = f"{log.count('schedstat.serving')} domains from /proc"
         pids = tool.pids()
         walls0 = len(scraper.walls_ms if scraper else tool.walls_ms)
         own0, (l0, q0), t0 = procs.cpu_ns(pids), host.read(), time.monotonic()
@@ -374,7 +390,17 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=6.0, help="seconds before measuring")
     parser.add_argument("--idle", type=float, default=10.0, help="idle window after each tool")
     parser.add_argument("--fast-interval", type=float, default=0.2)
-    parser.add_argument("--tools", default="raw,agent,collectd,exporter")
+    parser.add_argument("--tools", default="raw,agent,agent-fast,collectd,exporter")
+    parser.add_argument(
+        "--user",
+        default=None,
+        help="run the agent as this user (libvirtd needs polkit on a system D-Bus for that)",
+    )
+    parser.add_argument(
+        "--before",
+        default="/tmp/agent-before",
+        help="agent-before: an older agent/ package, e.g. git archive REV agent | tar -x -C DIR",
+    )
     parser.add_argument(
         "--agent",
         default=AGENT,
