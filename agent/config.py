@@ -170,6 +170,51 @@ def _broker_host(v: Any) -> str | None:
     return None
 
 
+MAX_SERVERS = 64  # broker endpoints in mqtt.servers; a cluster has a handful
+
+
+def split_server(text: str) -> tuple[str, int]:
+    """``host:port`` or ``[ipv6]:port`` -> (host, port); ValueError saying why."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f'expected "host:port" (IPv6 as "[::1]:1883"), got {text!r}')
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if ":" not in host:
+            raise ValueError(f"brackets are for an IPv6 address only, got {text!r}")
+    elif ":" in host:
+        raise ValueError(f'an IPv6 address needs brackets ("[{host}]:{port_text}"), got {text!r}')
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"expected a port from 1 to 65535 after the ':', got {text!r}")
+    error = _broker_host(host)
+    if error:
+        raise ValueError(error)
+    return host, int(port_text)
+
+
+def _servers(v: Any) -> str | None:
+    """A non-empty list of distinct ``host:port`` strings; an item's error is
+    reported as ``mqtt.servers[i]: ...`` (parse joins a leading ``[`` directly)."""
+    if not isinstance(v, list):
+        return f'expected a list of "host:port" strings, got {_type_name(v)}'
+    if not v:
+        return None  # the default: mqtt.host and mqtt.port
+    if len(v) > MAX_SERVERS:
+        return f"at most {MAX_SERVERS} servers, got {len(v)}"
+    seen: dict[tuple[str, int], int] = {}
+    for i, item in enumerate(v):
+        if not isinstance(item, str):
+            return f'[{i}]: expected a "host:port" string, got {_type_name(item)}'
+        try:
+            endpoint = split_server(item)
+        except ValueError as err:
+            return f"[{i}]: {err}"
+        if endpoint in seen:
+            return f"[{i}]: {item!r} repeats mqtt.servers[{seen[endpoint]}]"
+        seen[endpoint] = i
+    return None
+
+
 def _qos(v: Any) -> str | None:
     if v == 2 and isinstance(v, int) and not isinstance(v, bool):
         # paho-mqtt 2.x ignores the reason code of a PUBREC (Client._handle_pubrec:
@@ -257,6 +302,10 @@ class SamplingSection:
 class MqttSection:
     host: str = _setting("localhost", _broker_host)
     port: int = _setting(1883, _integer(1, 65535))
+    # Broker endpoints of one cluster, tried in turn (docs/scale.md, "Failover").
+    # Non-empty, it replaces host/port; host/port set away from their defaults
+    # beside it is an error (two brokers configured; nothing silently ignored).
+    servers: tuple[str, ...] = _setting((), _servers)
     topic_prefix: str = _setting("vcpu", _topic_prefix)
     client_id: str = _setting("", _text(max_bytes=MQTT_MAX_BYTES))
     protocol: str = _setting("5", _choice("5", "3.1.1"))
@@ -270,6 +319,13 @@ class MqttSection:
     key_file: str = _setting("", _readable_file(optional=True))
     reconnect_min: float = _setting(1.0, _number(0.0, 3600.0, lo_open=True))
     reconnect_max: float = _setting(30.0, _number(0.0, 3600.0, lo_open=True))
+
+    @property
+    def endpoints(self) -> tuple[tuple[str, int], ...]:
+        """Where the broker is: every ``servers`` entry in order, else (host, port)."""
+        if self.servers:
+            return tuple(split_server(s) for s in self.servers)
+        return ((self.host, self.port),)
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,6 +386,14 @@ def _cross_checks(cfg: Config) -> list[str]:
         problems.append("mqtt.cert_file: needs mqtt.key_file too (and the reverse)")
     if (m.ca_file or m.cert_file) and not m.tls:
         problems.append("mqtt.tls: must be true when mqtt.ca_file or mqtt.cert_file is set")
+    default = MqttSection()
+    single = (default.host, default.port)
+    if m.servers and (m.host, m.port) != single:
+        # Two different brokers configured: say so rather than pick one silently.
+        problems.append(
+            "mqtt.servers: replaces mqtt.host and mqtt.port; leave those at their "
+            f"defaults ({single[0]}, {single[1]}) or remove them, got {m.host}:{m.port}"
+        )
     if m.password_file and not m.username:
         problems.append("mqtt.password_file: needs mqtt.username")
     return problems
@@ -349,14 +413,20 @@ def parse(document: Mapping[str, Any], source: str = "<config>") -> Config:
             if f.name in table:
                 error = f.metadata["check"](table[f.name])
                 if error:
-                    problems.append(f"{name}.{f.name}: {error}")
+                    sep = "" if error.startswith("[") else ": "  # mqtt.servers[1]: ...
+                    problems.append(f"{name}.{f.name}{sep}{error}")
                 else:
                     value = table[f.name]
-                    values[f.name] = float(value) if f.type == "float" else value
+                    if f.type == "float":
+                        value = float(value)
+                    elif isinstance(value, list):
+                        value = tuple(value)  # frozen all the way down
+                    values[f.name] = value
         names = {f.name for f in dataclasses.fields(cls)}
         problems.extend(f"{name}.{key}: unknown key" for key in table if key not in names)
         sections[name] = cls(**values)
     problems.extend(f"{key}: unknown section" for key in document if key not in _SECTIONS)
+
     # Invalid values were left at their defaults, so the cross checks can still run
     # and the user sees every problem in one go.
     cfg = Config(**sections)

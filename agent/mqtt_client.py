@@ -90,12 +90,16 @@ class Connection:
         self,
         *,
         cfg: MqttSection,
+        host: str,
+        port: int,
         client_id: str,
         will: Message,
         on_ack: Callable[[int], None],
         on_refused: Callable[[int, ReasonCode], None],
     ) -> None:
         self.cfg = cfg
+        self.host = host  # one of cfg.endpoints: the publisher picks which
+        self.port = port
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._on_ack = on_ack
@@ -163,7 +167,7 @@ class Connection:
         """Connect and wait for CONNACK; raise ``MqttError`` (closed) when refused."""
         client = self._client
         blocking = self._loop.run_in_executor(
-            None, lambda: client.connect(self.cfg.host, self.cfg.port, self.cfg.keepalive)
+            None, lambda: client.connect(self.host, self.port, self.cfg.keepalive)
         )
         try:
             # Shielded: a cancelled wait leaves the thread connecting; close its

@@ -65,6 +65,12 @@ WINDOW = 1000  # unacknowledged QoS >= 1 messages on one connection, at most
 # closing on a packet it will not take (see Publisher._judge_head).
 SUSPECT_S = 5.0
 FAULT_EVERY_S = 60.0  # the reminder pace of a lasting fault
+# A broker may acknowledge a retained message it then fails to store: nats-server
+# 2.9.10 PUBACKs it and logs "unable to store retained message" while its
+# retained stream elects a new leader (~3 s after the leader node died; measured,
+# docs/scale.md "nats-server facts"). So each connection re-asserts `online` and
+# the mirror a second time this long after the first round.
+REASSERT_AGAIN_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +114,8 @@ class Publisher:
         self.connected = asyncio.Event()
         self._mirror: dict[str, Message] = {}  # retained topic -> its latest message
         self._conn: Connection | None = None
+        self._endpoint_index = 0  # which of cfg.endpoints the next connect goes to
+        self._endpoint = cfg.endpoints[0]  # the one of the current (or last) connection
         self._stopping = False
         self._stop_requested = asyncio.Event()
         self._pump_scheduled = False
@@ -120,6 +128,8 @@ class Publisher:
         self._max_packet: int | None = None
         self._gap_sent = 0  # the dropped total the last gap marker sent announced
         self._reassert: list[str] | None = None  # mirror topics still to re-assert
+        self._again: asyncio.TimerHandle | None = None  # the second round, when due
+        self._rounds_left = 0  # further re-assert rounds on this connection
         # Refusals: pause, back off, then resend everything unacknowledged.
         self._paused = False
         self._resume: asyncio.TimerHandle | None = None
@@ -137,6 +147,11 @@ class Publisher:
 
     # -- what the service calls -----------------------------------------------------
 
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        """(host, port) of the current connection, or of the last one tried."""
+        return self._endpoint
+
     def publish(self, message: Message, told: ChainUpdate | None = None) -> None:
         """Queue a message (and the chain record it carries); sent at the end of
         this loop iteration. Never blocks."""
@@ -149,11 +164,25 @@ class Publisher:
         self._schedule_pump()
 
     async def run(self) -> None:
-        """Connect, and reconnect with capped exponential backoff, until stopped."""
+        """Connect, and reconnect with capped exponential backoff, until stopped.
+
+        With several endpoints (``mqtt.servers``) every ended connection or failed
+        connect moves on to the next one, at once while some endpoint has not been
+        tried in this round; after a whole round has failed, the backoff pause
+        (``reconnect_min`` doubling to ``reconnect_max``) comes before the next. A
+        node killed with SIGKILL is so replaced by the next node within one
+        connect, not one backoff. One endpoint behaves as it always did: a pause
+        before every attempt.
+        """
+        endpoints = self.cfg.endpoints
         delay = self.cfg.reconnect_min
+        untried = len(endpoints) - 1  # endpoints left in this round before a pause
         while not self._stopping:
+            host, port = self._endpoint = endpoints[self._endpoint_index]
             conn = Connection(
                 cfg=self.cfg,
+                host=host,
+                port=port,
                 client_id=self.client_id,
                 will=self._status(online=False),
                 on_ack=self._on_ack,
@@ -166,17 +195,19 @@ class Publisher:
                 self._conn = None
                 if self._stopping:
                     break
+                pause, untried = self._next_endpoint(untried, delay)
                 self._connect_failed.hit(
-                    host=self.cfg.host, port=self.cfg.port, reason=str(err), retry_in=delay
+                    host=host, port=port, reason=str(err), retry_in=pause, next=self._where()
                 )
-                await self._sleep(delay)
-                delay = min(delay * 2, self.cfg.reconnect_max)
+                await self._sleep(pause)
+                if pause:
+                    delay = min(delay * 2, self.cfg.reconnect_max)
                 continue
             except BaseException:
                 conn.close(reason="cancelled")
                 self._conn = None
                 raise
-            self._connect_failed.clear(host=self.cfg.host, port=self.cfg.port)
+            self._connect_failed.clear(host=host, port=port)
             self._on_connack(conn, connack)
             try:
                 await conn.closed.wait()
@@ -187,13 +218,30 @@ class Publisher:
             if self._stopping:
                 break
             # A connection that delivered its backlog was a good one: start the
-            # backoff again. One that dropped before (a broker that keeps closing
-            # on us) backs off further.
-            delay = self.cfg.reconnect_min if drained else delay
-            self._lost.hit(reason=conn.close_reason, retry_in=delay)
-            await self._sleep(delay)
-            if not drained:
+            # backoff and the round again. One that dropped before (a broker that
+            # keeps closing on us) backs off further.
+            if drained:
+                delay = self.cfg.reconnect_min
+                untried = len(endpoints) - 1
+            pause, untried = self._next_endpoint(untried, delay)
+            self._lost.hit(
+                host=host, port=port, reason=conn.close_reason, retry_in=pause, next=self._where()
+            )
+            await self._sleep(pause)
+            if pause and not drained:
                 delay = min(delay * 2, self.cfg.reconnect_max)
+
+    def _next_endpoint(self, untried: int, delay: float) -> tuple[float, int]:
+        """Move to the next endpoint; (pause before trying it, untried left)."""
+        endpoints = self.cfg.endpoints
+        self._endpoint_index = (self._endpoint_index + 1) % len(endpoints)
+        if untried > 0:
+            return 0.0, untried - 1
+        return delay, len(endpoints) - 1
+
+    def _where(self) -> str:
+        host, port = self.cfg.endpoints[self._endpoint_index]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     async def stop(self, timeout: float) -> None:
         """Publish ``offline``, wait up to ``timeout`` for acks, disconnect."""
@@ -220,6 +268,8 @@ class Publisher:
         self._sent_upto = 0
         self._gap_sent = self.outbox.gap_reported
         self._reassert = None
+        self._cancel_again()
+        self._rounds_left = 1
         self._paused = self._resume_due = False
         self._full_window = min(WINDOW, connack.receive_maximum or WINDOW)
         self._window = 1 if self._probe_upto else self._full_window
@@ -229,8 +279,8 @@ class Publisher:
             return self._start(conn)
         log.info(
             "mqtt.connected",
-            host=self.cfg.host,
-            port=self.cfg.port,
+            host=conn.host,
+            port=conn.port,
             protocol=self.cfg.protocol,
             client_id=self.client_id,
             backlog=len(self.outbox),
@@ -251,6 +301,7 @@ class Publisher:
         if self._resume is not None:
             self._resume.cancel()
             self._resume = None
+        self._cancel_again()
         self._judge_head(conn)
         self._inflight.clear()
         self._others.clear()
@@ -384,7 +435,9 @@ class Publisher:
 
     def _reassert_mirror(self, conn: Connection) -> None:
         """Once per connection, after the outbox drained: every retained topic's
-        latest message again (a broker restart may have lost its retained store)."""
+        latest message again (a broker restart may have lost its retained store);
+        then once more ``REASSERT_AGAIN_S`` later, ``online`` first (a broker may
+        have acknowledged a retained message it did not store)."""
         if self._paused or len(self.outbox):
             return
         if self._reassert is None:
@@ -392,14 +445,36 @@ class Publisher:
             self._lost.clear()  # connected and delivered: the connection fault is over
         while self._reassert and self._room() > 0 and not len(self.outbox):
             topic = self._reassert.pop()
-            message = self._mirror.get(topic)
-            if message is None or self._unsendable(conn, message) is not None:
+            if topic == self.topics.status:
+                message = self._status(online=True)
+            else:
+                mirrored = self._mirror.get(topic)
+                if mirrored is None:
+                    continue
+                message = mirrored
+            if self._unsendable(conn, message) is not None:
                 continue
             mid = conn.publish(message)
             if mid is None:
                 return
             if message.qos:
                 self._others[mid] = ("reassert", topic)
+        if not self._reassert and self._rounds_left > 0 and self._again is None:
+            self._again = asyncio.get_running_loop().call_later(
+                REASSERT_AGAIN_S, self._reassert_again
+            )
+
+    def _reassert_again(self) -> None:
+        self._again = None
+        self._rounds_left -= 1
+        # Popped from the end: `online` goes first.
+        self._reassert = [*self._mirror, self.topics.status]
+        self._schedule_pump()
+
+    def _cancel_again(self) -> None:
+        if self._again is not None:
+            self._again.cancel()
+            self._again = None
 
     # -- broker answers ---------------------------------------------------------------
 
@@ -427,7 +502,7 @@ class Publisher:
             self._refused_ids.discard(entry_id)
             if not self._refused_ids:
                 self._refusal_delay = self.cfg.reconnect_min
-                self._refused.clear(host=self.cfg.host, port=self.cfg.port)
+                self._refused.clear(host=self._endpoint[0], port=self._endpoint[1])
 
     def _on_refused(self, mid: int, rc: ReasonCode) -> None:
         """A negative PUBACK (not authorised, quota exceeded...): not delivered. The
@@ -451,8 +526,8 @@ class Publisher:
             delay = self._refusal_delay
             self._refusal_delay = min(delay * 2, self.cfg.reconnect_max)
             self._refused.hit(
-                host=self.cfg.host,
-                port=self.cfg.port,
+                host=self._endpoint[0],
+                port=self._endpoint[1],
                 reason=describe(rc),
                 what=what,
                 retry_in=delay,

@@ -21,6 +21,9 @@ PACKAGES=(
   binutils
   # a real broker for the tests and the demo; openssl makes the TLS test CA
   mosquitto mosquitto-clients openssl
+  # a real clustered broker (JetStream + MQTT 3.1.1) for tests/cluster and
+  # bench/fleet.py; the tests start their own nodes by PID (docs/scale.md)
+  nats-server
   # systemd-analyze verifies the unit file
   systemd
 )
