@@ -175,14 +175,14 @@ class Service:
                     await self._sample_all()
                     next_libvirt = now + slow
                 else:
-                    self._sample_fast(set(self._bases))
+                    self._sample_fast(set(self._bases), whole=True)
                 next_tick += interval
                 if next_tick < time.monotonic():  # fell behind: do not burst to catch up
                     next_tick = time.monotonic() + interval
                 continue
             due = self.resamples.take(now, stalled=self.source.stalled)
             if due:
-                fast = self._sample_fast(due & self._bases.keys())
+                fast = self._sample_fast(due & self._bases.keys(), whole=False)
                 if due - fast:
                     await self._sample_some(due - fast)
                 continue
@@ -321,8 +321,10 @@ class Service:
             not d.state.vcpus_active or u in self._bases for u, d in self.host.domains.items()
         )
 
-    def _sample_fast(self, uuids: set[str]) -> set[str]:
-        """Read these domains' counters from /proc; return the ones it served."""
+    def _sample_fast(self, uuids: set[str], *, whole: bool) -> set[str]:
+        """Read these domains' counters from /proc; return the ones it served.
+
+        ``whole``: a regular tick (counts toward min_samples), not a re-sample."""
         if not uuids:
             return set()
         t_mono, t_wall = time.monotonic(), time.time()
@@ -335,12 +337,14 @@ class Service:
             else:
                 records.append(record)
         if records:
-            self._apply(records, complete=False)
+            self._apply(records, complete=False, whole=whole)
         return {r.uuid for r in records}
 
-    def _apply(self, records: list[DomainRecord], *, complete: bool) -> None:
+    def _apply(
+        self, records: list[DomainRecord], *, complete: bool, whole: bool | None = None
+    ) -> None:
         records = [r for r in records if self._fits(r.uuid, r.name)]
-        self.host, changes = advance(self.host, records, self.th, complete=complete)
+        self.host, changes = advance(self.host, records, self.th, complete=complete, whole=whole)
         self._publish(changes)
         if self.host.suspects:
             self.resamples.suspects(self.host.suspects, time.monotonic())

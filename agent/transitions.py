@@ -211,13 +211,16 @@ def advance(
     th: Thresholds,
     *,
     complete: bool,
+    whole: bool | None = None,
 ) -> tuple[HostState, list[Change]]:
     """Fold a batch of records into the host state; return it with the changes.
 
-    A *complete* batch is a regular full sample: it retires domains it lacks, and
-    it counts as a whole sample for ``min_samples``/``unknown_after``. A partial
-    batch (a re-sample of some domains) does neither.
+    A *complete* batch holds every domain: it retires the domains it lacks. A
+    *whole* batch (default: as complete) is a regular sample, one interval after
+    the last: it counts toward ``min_samples``/``unknown_after``; a confirmation
+    or lifecycle re-sample between two regular samples does not.
     """
+    whole = complete if whole is None else whole
     domains = dict(host.domains)
     changes: list[Change] = []
     seen: set[str] = set()
@@ -230,7 +233,7 @@ def advance(
             _, retired = retire(HostState(domains={record.uuid: prev}), record.uuid)
             changes.extend(retired)
             prev = None
-        domains[record.uuid], domain_changes = _advance_domain(prev, record, th, complete)
+        domains[record.uuid], domain_changes = _advance_domain(prev, record, th, whole)
         changes.extend(domain_changes)
         if any(t.suspect for t in domains[record.uuid].vcpus.values()):
             suspects.add(record.uuid)

@@ -7,7 +7,7 @@ import pytest
 from agent.classify import Thresholds, evidence, observe
 from agent.model import Source, VcpuState
 from agent.transitions import HostState, VcpuTransition, advance
-from tests.builders import busy, dom
+from tests.builders import UUID, busy, dom
 
 
 def states(records: list, th: Thresholds | None = None) -> list[VcpuState | None]:  # type: ignore[type-arg]
@@ -295,3 +295,22 @@ def test_under_kvm_a_vcpu_that_never_runs_is_halted_not_running() -> None:
     assert track is not None
     assert track.view is not None
     assert (track.view.state, track.view.source) == (VcpuState.HALTED, Source.KVM)
+
+
+def test_regular_ticks_of_some_domains_count_as_whole_samples_and_resamples_do_not() -> None:
+    # The /proc fast path samples the domains it serves on every tick (a partial
+    # batch that is still a regular sample); re-samples between ticks are not.
+    th = Thresholds(min_samples=2)
+
+    def last_state(whole: bool) -> VcpuState:
+        host = HostState()
+        for record in (busy(0, 0), busy(1, 1)):
+            host, _ = advance(host, [record], th, complete=True)
+        for record in (busy(2, 1), busy(3, 1)):  # halted for two intervals
+            host, _ = advance(host, [record], th, complete=False, whole=whole)
+        view = host.domains[UUID].vcpus[0].view
+        assert view is not None
+        return view.state
+
+    assert last_state(whole=True) is VcpuState.HALTED
+    assert last_state(whole=False) is VcpuState.RUNNING
