@@ -16,7 +16,13 @@ adapter, one ``agent.mqtt_client.Connection`` per connection, only moves bytes.
   the transition into it has been acknowledged, so a re-assert can never overtake
   an older event. Sent at CONNACK (as before), it reached subscribers ahead of the
   spooled transitions that led to it, and a subscriber applying messages in
-  arrival order believed a state before it heard how it got there.
+  arrival order believed a state before it heard how it got there. A second
+  round, ``online`` first, follows ``REASSERT_AGAIN_S`` later: a broker may
+  acknowledge a retained message it did not store (nats-server during a leader
+  election, docs/scale.md).
+- **Failover.** With ``mqtt.servers`` every lost connection or failed connect
+  moves to the next endpoint, at once within a round, with the backoff after a
+  whole round failed (``run``).
 - **Limits.** The window is min(``WINDOW``, the broker's Receive Maximum). An entry
   that can never be sent (larger than the broker's Maximum Packet Size, a topic
   over 65,535 bytes) is dropped and counted, so the ``gap`` marker tells
