@@ -132,7 +132,7 @@ class Service:
             host=self.topics.host,
             epoch=self.outbox.epoch,
             uri=self.cfg.libvirt.uri,
-            broker=f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}",
+            brokers=[f"{host}:{port}" for host, port in self.cfg.mqtt.endpoints],
             interval=self.cfg.sampling.interval,
         )
         mqtt_task = asyncio.create_task(self.publisher.run(), name="mqtt")
