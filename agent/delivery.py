@@ -110,11 +110,12 @@ class Outbox(Protocol):
     def record_gap_reported(self, total: int) -> None: ...
 
     def flush(self) -> bool:
-        """Make everything put, acked and told so far durable (one transaction).
+        """Make everything put and told so far durable (one transaction).
 
-        The publisher calls it before handing entries to the broker. False when
-        it could not be written: the entries stay queued in memory and are still
-        delivered; the next flush tries again.
+        The publisher calls it before handing entries to the broker. Acks may be
+        written later, in batches (an acked entry kept after a crash is only sent
+        once more). False when it could not be written: the entries stay queued
+        in memory and are still delivered; the next flush tries again.
         """
         ...
 

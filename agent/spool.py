@@ -68,6 +68,10 @@ _DOMAIN = -1  # the ``vcpu`` column of a domain's lifecycle counter
 # sqlite3 primary result codes that mean "this file is not a sound database".
 _SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
 RETRY_MIN, RETRY_MAX = 1.0, 30.0  # seconds between write attempts after a failure
+# Acks alone are written in batches: an acked entry still on disk after a crash is
+# only sent once more (a duplicate subscribers drop by seq), so deleting it can
+# wait; a commit per broker window would cap replay throughput (bench/spool.py).
+ACK_BATCH = 512
 
 
 class SpoolError(Exception):
@@ -341,6 +345,12 @@ class SqliteSpool:
             return False
         if self.durable:
             return True
+        if (
+            not (self._puts or self._told or self._meta_dirty)
+            and len(self._deletes) < ACK_BATCH
+            and self._queue.entries
+        ):
+            return True  # only acks to write, few, and more to come: later
         now = self._clock()
         if now < self._retry_at:
             return False

@@ -68,9 +68,17 @@ async def _run(port: int, outbox: Outbox, events: int, batch: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument(
+        "--broker-inflight",
+        type=int,
+        default=20,
+        help="mosquitto's max_inflight_messages, the Receive Maximum it announces and the "
+        "agent honours (20: mosquitto's default)",
+    )
     args = parser.parse_args()
     n = args.events
-    with Mosquitto() as broker, tempfile.TemporaryDirectory() as tmp:
+    conf = f"max_inflight_messages {args.broker_inflight}\n"
+    with Mosquitto(extra_conf=conf) as broker, tempfile.TemporaryDirectory() as tmp:
         print(f"{n} events at QoS 1 to mosquitto on 127.0.0.1:{broker.port}")
         print(f"{'outbox':<28} {'batch':>6} {'events/s':>10} {'commits':>8}")
         for batch in (1, 10, 100, 0):

@@ -282,3 +282,20 @@ def test_a_run_killed_with_everything_written_keeps_its_epoch(tmp_path: Path) ->
     )
     with opened(path) as spool:
         assert spool.epoch == out.stdout.strip()
+
+
+def test_acks_alone_are_written_in_batches_and_once_the_queue_drains(tmp_path: Path) -> None:
+    with opened(tmp_path / "s.sqlite3", 10_000) as spool:
+        ids = [spool.put(event(n)) for n in range(600)]
+        assert spool.flush()
+        before = spool.commits
+        for entry_id in ids[:10]:
+            spool.ack(entry_id)
+        assert spool.flush()
+        assert spool.commits == before  # ten deletes can wait for more
+        for entry_id in ids[10:]:
+            spool.ack(entry_id)
+        assert spool.flush()
+        assert spool.commits == before + 1  # a batch, and the queue is empty now
+    with opened(tmp_path / "s.sqlite3", 10_000) as again:
+        assert len(again) == 0
