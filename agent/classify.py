@@ -8,7 +8,8 @@ A vCPU's state is decided from the best evidence its record offers, in this orde
 4. ``vcpu.<n>.halted`` is present (s390)         -> halted/running (libvirt)
 5. the share of wall time in KVM's halt-wait     -> halted/running (kvm)
 6. the share of wall time neither on a CPU nor    -> halted/running (cputime)
-   waiting for one (vcpu.<n>.time + .delay)
+   waiting for one (vcpu.<n>.time + .delay, or
+   the same counters from /proc: SCHEDSTAT records)
 7. only a run state is known (test driver, Xen)  -> running       (vcpustate)
 
 Shares (5, 6) go through hysteresis: a running vCPU becomes halted when its halted

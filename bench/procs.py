@@ -31,6 +31,28 @@ def thread_ns(pid: int) -> int:
     return total
 
 
+def split_ns(pid: int) -> tuple[int, int]:
+    """(run ns of QEMU's vCPU threads, run ns of its other threads): QMP work
+    lands on the main loop and monitor threads, a vCPU kick on the vCPU threads."""
+    vcpu = other = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return 0, 0
+    for tid in tids:
+        try:
+            comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text()
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                run = int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            continue
+        if comm.startswith("CPU "):
+            vcpu += run
+        else:
+            other += run
+    return vcpu, other
+
+
 def cpu_ns(pids: Iterable[int]) -> int:
     return sum(thread_ns(pid) for pid in pids)
 

@@ -275,6 +275,21 @@ def test_offline_vcpus_keep_libvirts_record(run_dir: Path, uuid: str) -> None:
         q.stop()
 
 
+def test_kvm_vcpus_stay_with_libvirt_unless_asked(run_dir: Path, uuid: str) -> None:
+    q = FakeQemu(uuid, ["CPU 0/KVM", "CPU 1/KVM"])
+    try:
+        pidfile(run_dir, q.pid)
+        src = SchedstatSource(run_dir=run_dir)
+        assert not src.attach(record(uuid))
+        assert "KVM" in src.refused[uuid]
+        assert SchedstatSource(run_dir=run_dir, kvm=True).attach(record(uuid))
+        src.proc = run_dir / "nowhere"  # the same refusal is not scanned again
+        assert not src.attach(record(uuid))
+        assert "KVM" in src.refused[uuid]
+    finally:
+        q.stop()
+
+
 def test_s390s_halted_flag_stays_with_libvirt(run_dir: Path, uuid: str, qemu: FakeQemu) -> None:
     pidfile(run_dir, qemu.pid)
     base = record(uuid)

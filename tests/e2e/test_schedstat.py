@@ -3,7 +3,8 @@
 libvirt's ``vcpu.<n>.time`` is the vCPU thread's utime + stime in 10 ms ticks and
 ``vcpu.<n>.delay`` its schedstat run-queue wait, so the two sources must agree to
 within a tick plus the time between the two reads. And the agent must serve a
-real guest from /proc (its log says so), under TCG and, when usable, KVM.
+real TCG guest from /proc (its log says so), and leave a KVM guest to libvirt,
+whose halt-wait counter judged the truth guests better (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def test_proc_counters_agree_with_libvirts(
     try:
         guest.truth.wait_for(3, 90.0)
         dom = pool.domain(guest)
-        src = SchedstatSource()
+        src = SchedstatSource(kvm=True)
         for _ in range(5):
             stats = dom.connect().domainListGetStats([dom], STATS)[0][1]
             t = time.monotonic()
@@ -85,6 +86,10 @@ def test_the_agent_serves_a_running_guest_from_proc(rig: Rig, tmp_path: Path) ->
             if said:
                 break
             time.sleep(0.2)
-        assert [e["event"] for e in said] == ["schedstat.serving"], said
+        if rig.virt_type == "kvm":  # KVM's halt-wait decides better: libvirt keeps it
+            assert [e["event"] for e in said] == ["schedstat.unavailable"], said
+            assert "KVM" in str(said[0]["reason"])
+        else:
+            assert [e["event"] for e in said] == ["schedstat.serving"], said
     finally:
         rig.pool.destroy(guest)
