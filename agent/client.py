@@ -11,6 +11,12 @@ docs/subscribers.md is the guide. What it does:
 - connects with the agent's ``[mqtt]`` settings (TLS, password file, MQTT 5 or
   3.1.1) under its own client id (an agent's id is refused: two clients with one
   id take each other's session);
+- with several ``[mqtt] servers`` (the nodes of one cluster), fails over as the
+  agent's publisher does: a lost connection or a failed connect moves on to the
+  next node at once while the round lasts, with the capped backoff after a whole
+  round; every new connection subscribes again (a refused subscription is
+  retried), and the chain tracker and ledger carry over, so the chain seen across
+  a failover is the agent's (docs/scale.md, "Subscriber failover");
 - subscribes to a ``Selection`` (hosts, domains, vCPUs) and starts from the
   retained tree, so every vCPU's state is known before its first transition;
 - reads every message with ``agent.inbox.read`` (bad input becomes a counted,
@@ -121,6 +127,7 @@ class _Raw:
     payload: bytes
     mid: int
     qos: int
+    conn: int = 0  # the connection it came on: its mid means nothing on another
 
 
 class Subscriber:
@@ -159,16 +166,27 @@ class Subscriber:
         self._last_bad = 0.0
         self._raw: queue.SimpleQueue[_Raw] = queue.SimpleQueue()
         self._pending: deque[Event] = deque()
-        self._unacked: dict[Key, list[tuple[int, int]]] = {}
-        self._to_ack: list[tuple[int, int]] = []
+        self._unacked: dict[Key, list[tuple[int, int, int]]] = {}  # (mid, qos, conn)
+        self._to_ack: list[tuple[int, int, int]] = []
         self._connected = threading.Event()
         self._subscribed = threading.Event()
         self._synced = threading.Event()
-        self._filters_mid: int | None = None
         self._marker_mid: int | None = None
         self._refused: str | None = None
         self._closing = False
+        self._stop = threading.Event()  # cuts a failover pause short on close
         self._wake: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
+        # Failover (paho's network thread only, but ``_conn``, read by the consumer).
+        self.endpoints = mqtt.endpoints
+        self._endpoint_index = 0
+        self._attempts = 0
+        self._untried = len(self.endpoints) - 1  # endpoints left in this round
+        self._delay = mqtt.reconnect_min
+        self._conn = 0  # connections so far; acks carry the one their mid belongs to
+        self._resubscribe: threading.Timer | None = None
+        self._resubscribe_delay = mqtt.reconnect_min
+        self._clean_start: paho.CleanStartOption = paho.MQTT_CLEAN_START_FIRST_ONLY
+        self._props: Properties | None = None
         self._client = self._new_client()
 
     # -- connection ---------------------------------------------------------------------
@@ -183,10 +201,16 @@ class Subscriber:
             manual_ack=self.durable,
         )
         client.enable_logger(logs.stdlib("paho"))
-        client.reconnect_delay_set(
-            min_delay=max(1, round(self.cfg.reconnect_min)),
-            max_delay=max(1, round(self.cfg.reconnect_max)),
-        )
+        if len(self.endpoints) > 1:
+            # paho reconnects to one host; _on_pre_connect picks the endpoint and
+            # pauses as the publisher does, so paho's own pause is zero.
+            client.reconnect_delay_set(min_delay=0, max_delay=0)
+            client.on_pre_connect = self._on_pre_connect
+        else:
+            client.reconnect_delay_set(
+                min_delay=max(1, round(self.cfg.reconnect_min)),
+                max_delay=max(1, round(self.cfg.reconnect_max)),
+            )
         if self.cfg.username:
             client.username_pw_set(self.cfg.username, read_password(self.cfg))
         if self.cfg.tls:
@@ -208,31 +232,34 @@ class Subscriber:
         if v5:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = self.session_expiry if self.durable else 0
+        host, port = self.endpoints[0]
+        self._clean_start = not self.durable if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY
+        self._props = props
         try:
             self._client.connect_async(
-                self.cfg.host,
-                self.cfg.port,
-                self.cfg.keepalive,
-                clean_start=not self.durable if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
-                properties=props,
+                host, port, self.cfg.keepalive, clean_start=self._clean_start, properties=props
             )
         except (OSError, ValueError) as err:
-            raise ClientError(f"cannot connect to {self.cfg.host}:{self.cfg.port}: {err}") from err
+            raise ClientError(f"cannot connect to {_where(host, port)}: {err}") from err
         self._client.loop_start()
         deadline = time.monotonic() + timeout
         if not self._connected.wait(timeout) or self._refused is not None:
-            reason = self._refused or f"no CONNACK from {self.cfg.host}:{self.cfg.port}"
+            reason = self._refused or f"no CONNACK from {self._tried()}"
             self.close()
             raise ClientError(reason)
         # Return subscribed: what is published from now on reaches us.
         if not self._subscribed.wait(max(0.0, deadline - time.monotonic())):
             self.close()
-            raise ClientError(f"no SUBACK from {self.cfg.host}:{self.cfg.port}")
+            raise ClientError(f"no SUBACK from {self.where}")
         return self
 
     def close(self) -> None:
         """Commit and acknowledge what was committed, then disconnect."""
         self._closing = True
+        self._stop.set()
+        timer = self._resubscribe
+        if timer is not None:
+            timer.cancel()
         with contextlib.suppress(Exception):
             self.flush()
         # Stop paho's thread first: disconnect() then writes the queued acks and the
@@ -249,6 +276,44 @@ class Subscriber:
         self, _t: type[BaseException] | None, _e: BaseException | None, _tb: TracebackType | None
     ) -> None:
         self.close()
+
+    @property
+    def where(self) -> str:
+        """The endpoint of the current (or next) connection, ``host:port``."""
+        return _where(*self.endpoints[self._endpoint_index])
+
+    def _tried(self) -> str:
+        if len(self.endpoints) == 1:
+            return self.where
+        return ", ".join(_where(h, p) for h, p in self.endpoints)
+
+    def _on_pre_connect(self, client: paho.Client, _u: object) -> None:
+        """Before every connect attempt (paho's thread, no socket open): the first
+        goes to the first endpoint; every later one to the next, at once while
+        some endpoint is untried in this round, after the backoff pause once a
+        whole round failed (as ``Publisher.run``). A connection whose subscription
+        was granted starts a new round (``_on_subscribe``)."""
+        self._attempts += 1
+        if self._attempts == 1:
+            return
+        n = len(self.endpoints)
+        was = self.where
+        self._endpoint_index = (self._endpoint_index + 1) % n
+        if self._untried > 0:
+            self._untried -= 1
+            pause = 0.0
+        else:
+            pause, self._untried = self._delay, n - 1
+            self._delay = min(self._delay * 2, self.cfg.reconnect_max)
+        log.info("client.failover", left=was, next=self.where, retry_in=pause)
+        if pause:
+            self._stop.wait(pause)
+        # paho's host/port setters refuse while it is connecting (it is, here);
+        # connect_async is the public way to aim the attempt under way elsewhere.
+        host, port = self.endpoints[self._endpoint_index]
+        client.connect_async(
+            host, port, self.cfg.keepalive, clean_start=self._clean_start, properties=self._props
+        )
 
     def wait_synced(self, timeout: float) -> bool:
         """Wait until the retained tree present at subscription has arrived.
@@ -273,22 +338,30 @@ class Subscriber:
             log.error("client.refused", reason=self._refused)
             self._connected.set()
             return
+        self._conn += 1
+        self._refused = None
+        host, port = self.endpoints[self._endpoint_index]
         log.info(
             "client.connected",
-            host=self.cfg.host,
-            port=self.cfg.port,
+            host=host,
+            port=port,
             client_id=self.client_id,
             session_present=flags.session_present,
             durable=self.durable,
         )
-        if self.cfg.protocol == "5":
-            _, mid = client.subscribe([(f, SubscribeOptions(qos=self.qos)) for f in self.filters])
-        else:
-            _, mid = client.subscribe([(f, self.qos) for f in self.filters])
-        self._filters_mid = mid
+        self._subscribe(client)
         # '%s' is no encode_level output: this filter matches none of the agents' topics.
         _, self._marker_mid = client.subscribe(f"{self.prefix}/%sync/{self.client_id}", qos=0)
         self._connected.set()
+
+    def _subscribe(self, client: paho.Client) -> None:
+        """Subscribe the filters on this connection (again, on every connection: a
+        session the broker lost has none; one it kept just re-grants them)."""
+        self._resubscribe = None
+        if self.cfg.protocol == "5":
+            client.subscribe([(f, SubscribeOptions(qos=self.qos)) for f in self.filters])
+        else:
+            client.subscribe([(f, self.qos) for f in self.filters])
 
     def _on_subscribe(
         self, client: paho.Client, _u: object, mid: int, codes: list[ReasonCode], _p: object
@@ -301,20 +374,39 @@ class Subscriber:
         refused = [str(c) for c in codes if c.is_failure]
         if refused:
             log.error("client.subscribe_refused", filters=self.filters, reasons=refused)
-        if mid == self._filters_mid:
-            self._subscribed.set()
+        # Every SUBACK but the marker's answers the filters (the first
+        # subscription, or a retry from the timer thread).
+        if refused and len(self.endpoints) > 1 and not self._closing:
+            # A cluster missing a node may refuse a subscription it cannot yet
+            # replicate (nats-server: most new QoS 1 ones, docs/scale.md): ask
+            # again, with the capped backoff, on this connection.
+            delay = self._resubscribe_delay
+            self._resubscribe_delay = min(delay * 2, self.cfg.reconnect_max)
+            timer = threading.Timer(delay, self._subscribe, (client,))
+            timer.daemon = True
+            self._resubscribe = timer
+            timer.start()
+        elif not refused:
+            # A granted subscription makes a good connection: a new round.
+            self._resubscribe_delay = self._delay = self.cfg.reconnect_min
+            self._untried = len(self.endpoints) - 1
+        self._subscribed.set()
 
     def _on_disconnect(
         self, _c: paho.Client, _u: object, _f: object, rc: ReasonCode, _p: object
     ) -> None:
         self._synced.clear()
+        timer = self._resubscribe
+        if timer is not None:
+            timer.cancel()
+            self._resubscribe = None
         if self._closing:
             log.debug("client.closed", reason=str(rc))
         else:
-            log.warning("client.disconnected", reason=str(rc))
+            log.warning("client.disconnected", reason=str(rc), where=self.where)
 
     def _on_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
-        self._enqueue(_Raw(msg.topic, bytes(msg.payload), msg.mid, msg.qos))
+        self._enqueue(_Raw(msg.topic, bytes(msg.payload), msg.mid, msg.qos, self._conn))
 
     def _enqueue(self, raw: _Raw) -> None:
         self._raw.put(raw)
@@ -378,7 +470,7 @@ class Subscriber:
             if self.ledger is not None and isinstance(item, Transition):
                 events = self._durable_transition(item, events, raw)
             elif self.durable and raw.qos > 0:
-                self._client.ack(raw.mid, raw.qos)
+                self._ack(raw.mid, raw.qos, raw.conn)
             self._pending.extend(events)
             return
         if isinstance(item, BadMessage):
@@ -386,7 +478,7 @@ class Subscriber:
             self._last_bad = time.monotonic()
             self._bad_log.hit(topic=item.topic[:200], reason=item.reason, detail=item.detail)
         if self.durable and raw.qos > 0:
-            self._client.ack(raw.mid, raw.qos)
+            self._ack(raw.mid, raw.qos, raw.conn)
         self._pending.append(item)
 
     # -- durable: ledger, then ack ---------------------------------------------------------
@@ -407,9 +499,11 @@ class Subscriber:
         if raw.qos > 0:
             key = key_of(t)
             if delivered or key in self._unacked:  # a redelivery waits with it
-                self._unacked.setdefault(key, []).append((raw.mid, raw.qos))
+                self._unacked.setdefault(key, []).append((raw.mid, raw.qos, raw.conn))
             else:
-                self._client.ack(raw.mid, raw.qos)
+                # A duplicate: acknowledged once the ledger row that made it one
+                # is committed (it may still wait for the next flush).
+                self._to_ack.append((raw.mid, raw.qos, raw.conn))
         return events
 
     def commit(self, t: Transition, status: Status = "done", outcome: str = "") -> None:
@@ -432,7 +526,15 @@ class Subscriber:
         if self.ledger is not None:
             self.ledger.flush()
         acks, self._to_ack = self._to_ack, []
-        for mid, qos in acks:
+        for mid, qos, conn in acks:
+            self._ack(mid, qos, conn)
+
+    def _ack(self, mid: int, qos: int, conn: int) -> None:
+        """Acknowledge ``mid`` if it came on the current connection. One from an
+        earlier connection is dropped: the packet id may name another message on
+        this one, and the broker redelivers the unacknowledged message on the new
+        connection (MQTT 3.1.1 4.4), where the ledger makes it a duplicate."""
+        if conn == self._conn:
             self._client.ack(mid, qos)
 
     @property
@@ -449,3 +551,7 @@ class Subscriber:
             "stale": t.stale,
             "bad": sum(self.bad.values()),
         }
+
+
+def _where(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
