@@ -55,6 +55,11 @@ class _Threads:
 
     pid: int
     fds: dict[int, int]  # vCPU number -> fd of its thread's schedstat
+    task: str = ""  # /proc/<pid>/task
+    # st_nlink of /proc/<pid>/task is 2 + the number of threads: one stat per read
+    # tells whether a thread came or went (a hot-plugged vCPU starts a thread).
+    nlink: int = 0
+    known: frozenset[str] = frozenset()  # the tids seen when nlink was taken
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -142,6 +147,11 @@ class SchedstatSource:
         threads = self._domains.get(base.uuid)
         if threads is None:
             return None
+        if self._new_vcpu_thread(threads):
+            # Hot-plugged: libvirt has no event for it, but QEMU started a thread.
+            # Hand the domain back to libvirt, which learns vcpu.current at once.
+            self.forget(base.uuid)
+            return None
         fds = threads.fds
         vcpus = []
         try:
@@ -210,14 +220,38 @@ class SchedstatSource:
         except (OSError, ValueError, IndexError) as err:
             # ProtectProc=invisible hides other users' processes: ENOENT here.
             raise UnavailableError(f"{base}: {err}") from err
-        threads = _Threads(pid, {})
+        threads = _Threads(pid, {}, str(base / "task"))
         try:
+            threads.nlink = os.stat(threads.task).st_nlink
+            threads.known = frozenset(tids)
             self._open_vcpus(base, tids, wanted, threads.fds, kvm=self.kvm)
             self._same_process(pid, start)
         except BaseException:
             threads.close()
             raise
         return threads
+
+    @staticmethod
+    def _new_vcpu_thread(threads: _Threads) -> bool:
+        """Whether a vCPU thread not served yet has appeared since the last look."""
+        try:
+            nlink = os.stat(threads.task).st_nlink
+            if nlink == threads.nlink:
+                return False
+            tids = frozenset(os.listdir(threads.task))
+        except OSError:
+            return True  # QEMU is gone: the read would fail too
+        new = tids - threads.known
+        threads.nlink, threads.known = nlink, tids
+        for tid in new:
+            try:
+                with open(f"{threads.task}/{tid}/comm") as comm:
+                    n = vcpu_of_thread(comm.read())
+            except OSError:
+                continue  # a short-lived worker thread, gone already
+            if n is not None and n not in threads.fds:
+                return True
+        return False
 
     def _same_process(self, pid: int, start: int) -> None:
         """The pid may have died and been reused between the checks and the opens:

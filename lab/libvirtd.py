@@ -305,8 +305,11 @@ class Libvirtd:
         pidfile = self._state.root / f"{name}.pid"
         pidfile.unlink(missing_ok=True)  # safe: we hold the lock, and none answers
         # -d: the parent returns once the child has daemonized and written PIDFILE.
+        argv = [name, "-d", "-p", str(pidfile)]
+        if name == "libvirtd":
+            argv += ["-f", str(self._libvirtd_conf())]
         proc = subprocess.run(
-            [name, "-d", "-p", str(pidfile)],
+            argv,
             capture_output=True,
             text=True,
             timeout=self._timeout_s,
@@ -319,6 +322,17 @@ class Libvirtd:
         if ticks is None:
             raise DaemonError(f"{name} (pid {pid}) exited right after starting")
         return StartedDaemon(name=name, pid=pid, start_ticks=ticks)
+
+    def _libvirtd_conf(self) -> Path:
+        """The system's libvirtd.conf, plus ``auth_unix_ro = "none"``: without a
+        system bus here, polkit cannot answer whether a non-root client may use the
+        read-only socket, and docs/install.md prescribes exactly this for such a
+        host. The unprivileged tests then run the agent as it is deployed."""
+        system = Path("/etc/libvirt/libvirtd.conf")
+        base = system.read_text() if system.exists() else ""
+        conf = self._state.root / "libvirtd.conf"
+        conf.write_text(base + '\n# vcpu-agent lab: no system bus\nauth_unix_ro = "none"\n')
+        return conf
 
     def _wait_until(self, ready: Callable[[], bool], what: str) -> None:
         deadline = time.monotonic() + self._timeout_s

@@ -465,11 +465,12 @@ def retained(port: int, prefix: str, topic_filter: str) -> dict[str, bytes]:
 
     No settling sleep: the broker sends retained messages right after SUBACK, on
     this connection, before anything published later; so after subscribing we
-    publish a marker to a topic under the filter's prefix and wait for it.
+    publish a marker and wait for it. The marker's topic is outside every agent's
+    tree, so no other subscriber of the prefix ever sees it.
     """
     feed = Feed(port=port, prefix=prefix, topic=topic_filter)
     try:
-        marker = f"{prefix}/rig-marker-{uuid.uuid4().hex[:8]}"
+        marker = f"vcpu-agent-rig/marker-{uuid.uuid4().hex[:8]}"
         feed.client.subscribe(marker, qos=1)
         feed.wait(lambda: feed.connects > 0, 5, "connect")
         feed.client.publish(marker, b"marker", qos=1)

@@ -43,4 +43,16 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[dev]'
+
+# The agent as the unit runs it (ExecStart=/opt/vcpu-agent/bin/vcpu-agent), with
+# Debian's python3: the tests that run the agent as an unprivileged user use it
+# (.venv's interpreter may live in root's home, which no other user can enter).
+# Rerun this script after changing the code; the test says so if it is stale.
+DEPLOY=/opt/vcpu-agent
+if [ ! -x "$DEPLOY/bin/python" ]; then
+  $SUDO /usr/bin/python3 -m venv "$DEPLOY"
+fi
+$SUDO "$DEPLOY/bin/python" -m pip install -q --upgrade pip
+$SUDO "$DEPLOY/bin/python" -m pip install -q --force-reinstall --no-deps .
+$SUDO "$DEPLOY/bin/python" -m pip install -q .
 echo "setup: done ($(.venv/bin/vcpu-agent --version))"

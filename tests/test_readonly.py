@@ -11,10 +11,7 @@ from __future__ import annotations
 import ast
 import inspect
 import json
-import os
-import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -84,16 +81,28 @@ def test_a_read_only_connection_refuses_writes(libvirtd: Libvirtd) -> None:
         conn.close()
 
 
+DEPLOYED = Path("/opt/vcpu-agent")  # scripts/setup.sh installs the agent there
+
+
+def deployed_is_current() -> bool:
+    """Whether /opt/vcpu-agent runs this checkout's agent (else: rerun setup.sh)."""
+    site = next(DEPLOYED.glob("lib/python3*/site-packages/agent"), None)
+    if site is None:
+        return False
+    return all(
+        (site / src.name).exists() and (site / src.name).read_bytes() == src.read_bytes()
+        for src in (ROOT / "agent").glob("*.py")
+    )
+
+
 @pytest.mark.libvirt
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv is not installed")
-@pytest.mark.skipif(
-    not Path("/run/dbus/system_bus_socket").exists(),
-    reason="no system bus here: libvirtd asks polkit (over D-Bus) whether a non-root "
-    "client may use the read-only socket (org.libvirt.unix.monitor: allow_any=yes)",
-)
 def test_an_unprivileged_user_can_snapshot_through_the_read_only_socket(
     libvirtd: Libvirtd,
 ) -> None:
+    # The agent as deployed (the unit's ExecStart), run as nobody: libvirtd sees a
+    # non-root peer on its read-only socket (the lab's libvirtd has no polkit to
+    # ask, so it is configured as docs/install.md says for such hosts).
+    assert deployed_is_current(), f"{DEPLOYED} is missing or stale: run scripts/setup.sh"
     with tempfile.TemporaryDirectory(prefix="vcpu-ro-") as home:
         Path(home).chmod(0o755)  # readable by nobody, unlike pytest's tmp_path
         config = Path(home) / "config.toml"
@@ -114,9 +123,7 @@ def run_as_nobody(config: Path, home: str) -> subprocess.CompletedProcess[str]:
             "--reuid=nobody",
             "--regid=nogroup",
             "--clear-groups",
-            sys.executable,
-            "-m",
-            "agent",
+            str(DEPLOYED / "bin" / "vcpu-agent"),
             "snapshot",
             "--config",
             str(config),
@@ -127,6 +134,6 @@ def run_as_nobody(config: Path, home: str) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         check=False,
-        cwd=ROOT,
-        env={**os.environ, "HOME": home},
+        cwd=home,
+        env={"PATH": "/usr/bin:/bin", "HOME": home},
     )

@@ -245,6 +245,24 @@ def test_a_hot_plugged_vcpu_is_found_at_the_next_attach(run_dir: Path, uuid: str
         q.stop()
 
 
+def test_a_hot_plugged_vcpus_new_thread_hands_the_domain_back_to_libvirt_at_once(
+    run_dir: Path, uuid: str
+) -> None:
+    q = FakeQemu(uuid, ["CPU 0/TCG"])
+    try:
+        pidfile(run_dir, q.pid)
+        src = SchedstatSource(run_dir=run_dir)
+        base = record(uuid, current=1, maximum=2)
+        assert src.attach(base)
+        q.say("add worker")  # other threads come and go: still served
+        assert src.read(base, 1.0, 1.0) is not None
+        q.say("add CPU 1/TCG")  # no libvirt event for a hot-plug, but a thread
+        assert src.read(base, 2.0, 2.0) is None
+        assert uuid not in src  # libvirt's next look sees vcpu.current = 2
+    finally:
+        q.stop()
+
+
 def test_a_restarted_qemu_is_followed_to_its_new_pid(run_dir: Path, uuid: str) -> None:
     first = FakeQemu(uuid, ["CPU 0/TCG", "CPU 1/TCG"])
     pidfile(run_dir, first.pid)
