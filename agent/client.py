@@ -62,9 +62,10 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent import logs
 from agent.chain import BadMessage, ChainTracker, Event, Synced
-from agent.config import MqttSection, read_password
+from agent.config import MqttSection
 from agent.inbox import MAX_BYTES, read
 from agent.ledger import Key, Ledger, Status, key_of
+from agent.mqtt_client import use_credentials
 from agent.payloads import Payload, Transition
 from agent.topics import encode_level
 
@@ -211,14 +212,7 @@ class Subscriber:
                 min_delay=max(1, round(self.cfg.reconnect_min)),
                 max_delay=max(1, round(self.cfg.reconnect_max)),
             )
-        if self.cfg.username:
-            client.username_pw_set(self.cfg.username, read_password(self.cfg))
-        if self.cfg.tls:
-            client.tls_set(
-                ca_certs=self.cfg.ca_file or None,
-                certfile=self.cfg.cert_file or None,
-                keyfile=self.cfg.key_file or None,
-            )
+        use_credentials(client, self.cfg)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe

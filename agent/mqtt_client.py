@@ -77,6 +77,19 @@ def _varint_len(n: int) -> int:
     return size
 
 
+def use_credentials(client: paho.Client, cfg: MqttSection) -> None:
+    """The ``[mqtt]`` username, password file and TLS settings, on a paho client
+    (the agent's connections and the subscriber library's alike)."""
+    if cfg.username:
+        client.username_pw_set(cfg.username, read_password(cfg))
+    if cfg.tls:
+        client.tls_set(
+            ca_certs=cfg.ca_file or None,
+            certfile=cfg.cert_file or None,
+            keyfile=cfg.key_file or None,
+        )
+
+
 class Connection:
     """One connection to the broker; built, connected, used, closed, dropped.
 
@@ -140,14 +153,7 @@ class Connection:
             retain=will.retain,
             properties=self._properties(PacketTypes.WILLMESSAGE),
         )
-        if self.cfg.username:
-            client.username_pw_set(self.cfg.username, read_password(self.cfg))
-        if self.cfg.tls:
-            client.tls_set(
-                ca_certs=self.cfg.ca_file or None,
-                certfile=self.cfg.cert_file or None,
-                keyfile=self.cfg.key_file or None,
-            )
+        use_credentials(client, self.cfg)
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_register_write
         client.on_socket_unregister_write = self._on_unregister_write

@@ -57,6 +57,7 @@ from agent.mqtt_client import (
     MAX_REMAINING_LENGTH,
     MAX_TOPIC_BYTES,
     Connack,
+    ConnectFailedError,
     Connection,
     MqttError,
     describe,
@@ -185,17 +186,9 @@ class Publisher:
         untried = len(endpoints) - 1  # endpoints left in this round before a pause
         while not self._stopping:
             host, port = self._endpoint = endpoints[self._endpoint_index]
-            conn = Connection(
-                cfg=self.cfg,
-                host=host,
-                port=port,
-                client_id=self.client_id,
-                will=self._status(online=False),
-                on_ack=self._on_ack,
-                on_refused=self._on_refused,
-            )
-            self._conn = conn
             try:
+                conn = self._connection(host, port)
+                self._conn = conn
                 connack = await conn.connect()
             except MqttError as err:
                 self._conn = None
@@ -210,7 +203,8 @@ class Publisher:
                     delay = min(delay * 2, self.cfg.reconnect_max)
                 continue
             except BaseException:
-                conn.close(reason="cancelled")
+                if self._conn is not None:
+                    self._conn.close(reason="cancelled")
                 self._conn = None
                 raise
             self._connect_failed.clear(host=host, port=port)
@@ -236,6 +230,22 @@ class Publisher:
             await self._sleep(pause)
             if pause and not drained:
                 delay = min(delay * 2, self.cfg.reconnect_max)
+
+    def _connection(self, host: str, port: int) -> Connection:
+        try:
+            return Connection(
+                cfg=self.cfg,
+                host=host,
+                port=port,
+                client_id=self.client_id,
+                will=self._status(online=False),
+                on_ack=self._on_ack,
+                on_refused=self._on_refused,
+            )
+        except OSError as err:
+            # The password file (read for every connection) went bad since the start:
+            # a failed attempt, retried with backoff, never the end of the agent.
+            raise ConnectFailedError(str(err)) from err
 
     def _next_endpoint(self, untried: int, delay: float) -> tuple[float, int]:
         """Move to the next endpoint; (pause before trying it, untried left)."""

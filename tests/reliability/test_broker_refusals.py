@@ -315,3 +315,35 @@ def test_tls_with_a_ca_made_at_test_time_and_a_password_connects_and_never_logs_
     everything = agent.raw() + broker.log_tail(10_000)
     assert password not in everything
     assert "mqtt.connected" in agent.raw()
+
+
+def test_a_password_file_that_goes_missing_while_running_is_a_failed_connect_not_a_crash(
+    tmp: Path,
+    prefix: str,
+    make_broker: Callable[..., Mosquitto],
+) -> None:
+    real = f"right-{uuid.uuid4().hex}"
+    broker = _password_broker(make_broker, tmp, real)
+    secret = _secret(tmp, real)
+    pub, outbox = make_publisher(
+        broker.port, prefix, username="agent", password_file=str(secret), reconnect_min=0.1
+    )
+
+    async def scenario() -> list[MutableMapping[str, Any]]:
+        with capture_logs() as logs:
+            async with running(pub):
+                secret.unlink()  # the credential is rotated away under the agent
+                broker.stop()
+                broker.start()  # so it must connect again, and read the file again
+                await until(
+                    lambda: any(e["event"] == "mqtt.connect_failed" for e in logs), timeout=10
+                )
+                secret.write_text(real + "\n")  # the new credential lands
+                pub.publish(event(prefix, 0, 1), None)
+                await until(lambda: len(outbox) == 0, timeout=10)
+        return logs
+
+    logs = asyncio.run(scenario())
+    failed = [e for e in logs if e["event"] == "mqtt.connect_failed"]
+    assert "mqtt-password" in str(failed[0]["reason"])
+    assert real not in str(logs)
