@@ -3,15 +3,18 @@ in-process agent, the CI skip rule."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import uuid
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
+import libvirt
 import pytest
 
 from agent.config import Config
+from lab.domains import GuestPool
 from lab.libvirtd import Libvirtd
 from lab.mosquitto import Mosquitto
 from lab.rig import Feed
@@ -89,6 +92,19 @@ def make_subscriber() -> Iterator[Callable[..., Feed]]:
     yield make
     for sub in subs:
         sub.close()
+
+
+@pytest.fixture
+def pool(libvirtd: Libvirtd) -> Iterator[GuestPool]:
+    """Real QEMU guests of this test's own on the session's libvirtd, destroyed after."""
+    conn = libvirt.open(libvirtd.uri)
+    guests = GuestPool(conn)
+    try:
+        yield guests
+    finally:
+        guests.close()
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
 
 
 @pytest.fixture

@@ -16,11 +16,10 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import jsonschema
-import libvirt
 import pytest
 
 from agent.chain import ChainBroken, SeqGap
@@ -31,24 +30,12 @@ from agent.payloads import PAYLOADS, Transition, parse_rfc3339
 from agent.schema import schema_of
 from lab.domains import GuestPool, GuestSpec
 from lab.guest import build_toggler_image
-from lab.libvirtd import Libvirtd
 from lab.mosquitto import Mosquitto
 from lab.rig import STATE_OF_PHASE, AgentProcess, Feed
 
 pytestmark = pytest.mark.libvirt
 INTERVAL = 0.25
 PHASE_S = 2.0
-
-
-@pytest.fixture
-def pool(libvirtd: Libvirtd) -> Iterator[GuestPool]:
-    conn = libvirt.open(libvirtd.uri)
-    guests = GuestPool(conn)
-    try:
-        yield guests
-    finally:
-        guests.close()
-        conn.close()
 
 
 class Follower:

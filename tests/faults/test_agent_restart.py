@@ -10,39 +10,24 @@ marked ``resync``, from the state it was last told), then the live changes.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import secrets
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import libvirt
 import pytest
 
 from agent.payloads import Transition
 from lab.domains import GuestPool, GuestSpec
 from lab.guest import build_toggler_image
-from lab.libvirtd import Libvirtd
 from lab.mosquitto import Mosquitto
 from lab.rig import AgentProcess, Feed, wait_until
 
 pytestmark = pytest.mark.libvirt
 INTERVAL = 0.25
 STATE = {"busy": "running", "halted": "halted"}
-
-
-@pytest.fixture
-def pool(libvirtd: Libvirtd) -> Iterator[GuestPool]:
-    conn = libvirt.open(libvirtd.uri)
-    guests = GuestPool(conn)
-    try:
-        yield guests
-    finally:
-        guests.close()
-        with contextlib.suppress(libvirt.libvirtError):
-            conn.close()
 
 
 def transitions_logged(agent: AgentProcess, domain: str) -> list[dict[str, object]]:
