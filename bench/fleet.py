@@ -1,6 +1,7 @@
 """A fleet in a box: H simulated hosts on mosquitto and on a 3-node nats-server cluster.
 
     .venv/bin/python -m bench.fleet [--vcpus 8] [--window 6] [--ladder 100,200,400,600,800]
+                                    [--real-agents 2] [--phase 1.59] [--keep]
 
 Each simulated host is what an agent is from the broker's side, built from the
 agent's own code: a ``Publisher`` (birth ``online``, last will ``offline``, one
@@ -22,6 +23,20 @@ is saturated; idle and worst then run at the largest H that held. On the
 cluster, one node is SIGKILLed under that load: events lost, and the time until
 every host is connected (and has sent ``online``) again. Loopback only; a few
 minutes in all. CPU is from /proc/<pid>/stat (10 ms ticks), RSS from status.
+
+In the same run, ``--real-agents N`` TCG toggler guests (64 MiB, 1 vCPU; vCPU 0
+alternates busy/halted and marks each phase start on COM1, ``lab.truth``) are
+watched by ONE real ``vcpu-agent run`` (a real agent watches its whole host:
+interval 0.25 s, host ``real.fleet.example.com``) on the broker under test
+(mosquitto; on the cluster ``servers`` = every node, node 1 first, MQTT 3.1.1).
+It publishes under shard 0's prefix, so shard 0's subscriber receives it beside
+the simulated hosts. Per measured window: its latency from the guest's marker to
+that subscriber (p50/p99, and from its decision, ``at``, as for the simulated
+hosts), changes/missed/false transitions (``lab.rig.judge``), and its own CPU.
+At the SIGKILL it is connected to node 1: its chain must stay exact (every seq
+it logged arrives; first arrivals go +1 with ``from`` = previous ``to``) and its
+``online`` must arrive again. SIGINT/SIGTERM unwind: guests destroyed, agent,
+subscribers and brokers stopped by PID, a libvirtd we started stopped.
 """
 
 from __future__ import annotations
@@ -30,18 +45,25 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import multiprocessing as mp
 import os
 import random
+import shutil
 import signal
 import statistics
 import sys
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection as Pipe
 from multiprocessing.process import BaseProcess
+from pathlib import Path
+from types import FrameType
 
+import libvirt
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
@@ -49,19 +71,26 @@ from agent import logs
 from agent.config import parse
 from agent.delivery import MemoryOutbox
 from agent.model import Source, VcpuState, VcpuView
-from agent.payloads import Transition, decode, parse_rfc3339
+from agent.payloads import PayloadError, Status, Transition, decode, parse_rfc3339
 from agent.publisher import Publisher
 from agent.render import Renderer
-from agent.topics import Topics
+from agent.topics import TopicError, Topics, encode_level, parse_topic
 from agent.transitions import VcpuStateSet, VcpuTransition
 from bench import core
+from lab.domains import Guest, GuestPool, GuestSpec
+from lab.guest import build_toggler_image
+from lab.libvirtd import Libvirtd
 from lab.mosquitto import Mosquitto
 from lab.nats import NatsCluster
+from lab.rig import AgentProcess, Arrival, Match, Seen, judge, revive
 
 TICK_S = 0.1
 P99_LIMIT_S = 0.250
 SATURATED = 0.9  # a process using this share of one core is out of CPU
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+REAL_HOST = "real.fleet.example.com"
+REAL_INTERVAL_S = 0.25
+BOOT_TIMEOUT_S = 120.0
 
 
 def busy_rate() -> float:
@@ -98,11 +127,17 @@ def rss_mib(pid: int) -> float:
 # -- subscribers (child processes) ------------------------------------------------------
 
 
-def subscriber_main(port: int, topic: str, pipe: Pipe) -> None:
-    """One shard's subscriber: QoS 1, 3.1.1; answers commands on ``pipe``."""
+def subscriber_main(port: int, topic: str, pipe: Pipe, real_level: str) -> None:
+    """One shard's subscriber: QoS 1, 3.1.1; answers commands on ``pipe``.
+
+    Messages of the real agent (``/<real_level>/`` in the topic) are kept raw with
+    their arrival times, for the referee in the main process, and left out of the
+    simulated hosts' counts.
+    """
     lat: list[float] = []
     seqs: dict[tuple[str, str, int], set[int]] = {}
-    counts = {"events": 0, "retained": 0}
+    counts = {"events": 0, "retained": 0, "connects": 0}
+    real: list[tuple[str, bytes, bool, float, float]] = []
     client = paho.Client(
         CallbackAPIVersion.VERSION2,
         client_id=f"fleet-sub-{uuid.uuid4().hex[:8]}",
@@ -112,6 +147,9 @@ def subscriber_main(port: int, topic: str, pipe: Pipe) -> None:
 
     def on_message(_c: object, _u: object, msg: paho.MQTTMessage) -> None:
         now = time.time()
+        if real_level in msg.topic:
+            real.append((msg.topic, bytes(msg.payload), bool(msg.retain), now, time.monotonic()))
+            return
         if msg.retain:
             counts["retained"] += 1
             return
@@ -123,8 +161,13 @@ def subscriber_main(port: int, topic: str, pipe: Pipe) -> None:
         lat.append(now - parse_rfc3339(body.at))
         seqs.setdefault((body.host, body.uuid, body.vcpu), set()).add(body.seq)
 
+    def on_connect(c: paho.Client, *_a: object) -> None:
+        # A clean session: whatever was published while it was away is not for it.
+        counts["connects"] += 1
+        c.subscribe(topic, qos=1)
+
     client.on_message = on_message
-    client.on_connect = lambda c, *_a: c.subscribe(topic, qos=1)
+    client.on_connect = on_connect
     client.connect("127.0.0.1", port, keepalive=30)
     client.loop_start()
     while True:
@@ -136,7 +179,9 @@ def subscriber_main(port: int, topic: str, pipe: Pipe) -> None:
         elif cmd == "read":
             pipe.send((list(lat), counts["events"], cpu_s(os.getpid())))
         elif cmd == "seqs":
-            pipe.send({k: sorted(v) for k, v in seqs.items()})
+            pipe.send(({k: sorted(v) for k, v in seqs.items()}, counts["connects"]))
+        elif cmd == "real":
+            pipe.send(list(real))
         elif cmd == "stop":
             client.disconnect()
             client.loop_stop()
@@ -271,6 +316,250 @@ class Fleet:
         return out
 
 
+# -- the real agent on real guests ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RealStats:
+    """The real agent over one or more measured windows, judged by its guests."""
+
+    changes: int  # phase changes the guests marked (closed phases only)
+    missed: int
+    false: int
+    p50_ms: float  # guest marker -> subscriber arrival
+    p99_ms: float
+    dec_p50_ms: float  # agent decision (payload ``at``) -> arrival, as for simulated hosts
+    dec_p99_ms: float
+    agent_cpu: float  # share of one core
+
+
+@dataclass(frozen=True, slots=True)
+class Chain:
+    """The real agent's transitions of its guests: logged (decided) against arrived."""
+
+    decided: int  # ``vcpu.transition`` lines in its log
+    lost: int  # decided, never arrived
+    broken: int  # first arrivals not at previous seq + 1, or whose from != previous to
+    duplicates: int  # further arrivals of a seq (allowed: marked by seq)
+
+    @property
+    def exact(self) -> bool:
+        return self.lost == 0 and self.broken == 0
+
+    def describe(self) -> str:
+        word = "exact" if self.exact else "BROKEN"
+        return (
+            f"chain {word} ({self.decided} decided, {self.lost} lost, "
+            f"{self.broken} out of order, {self.duplicates} dup)"
+        )
+
+
+def nearest_rank(values: list[float], p: float) -> float:
+    """Nearest-rank percentile (as bench/latency.py): with few values, p99 = max."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(p / 100 * len(ordered))) - 1]
+
+
+@contextlib.contextmanager
+def real_guests(count: int, phase: float, workdir: Path) -> Iterator[list[Guest]]:
+    """``count`` TCG toggler guests (64 MiB, 1 vCPU), booted once for the whole run
+    under the lab's libvirtd; on exit they are destroyed and a libvirtd this run
+    started is stopped (by PID; one that answered already is left alone)."""
+    if count <= 0:
+        yield []
+        return
+    with Libvirtd() as daemon:
+        conn = libvirt.open(daemon.uri)
+        pool = GuestPool(conn, prefix="vcpuagent-fleet")
+        try:
+            image = build_toggler_image(busy_s=phase, halted_s=phase, cache_dir=workdir)
+            spec = GuestSpec(image=image, virt_type="qemu", vcpus=1, memory_mib=64)
+            guests = [pool.start(spec) for _ in range(count)]
+            for guest in guests:
+                guest.truth.wait_for(1, BOOT_TIMEOUT_S)
+            yield guests
+        finally:
+            conn = revive(pool, conn)
+            pool.close()
+            conn.close()
+
+
+def qemu_cpu_s(guests: list[Guest]) -> float:
+    """utime + stime of the guests' QEMU processes (libvirt's pid files)."""
+    total = 0.0
+    for guest in guests:
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(Path(f"/run/libvirt/qemu/{guest.name}.pid").read_text())
+            total += cpu_s(pid)
+    return total
+
+
+@dataclass
+class RealAgent:
+    """One real ``vcpu-agent run`` for every real guest, publishing under shard 0's
+    prefix; shard 0's subscriber process keeps its messages (``pipe``)."""
+
+    agent: AgentProcess
+    guests: list[Guest]
+    prefix: str
+    pipe: Pipe
+    started_wall: float = 0.0
+
+    @classmethod
+    def start(
+        cls,
+        guests: list[Guest],
+        *,
+        workdir: Path,
+        prefix: str,
+        port: int,
+        mqtt: Mapping[str, object] | None,
+        pipe: Pipe,
+    ) -> RealAgent:
+        agent = AgentProcess.lab(
+            workdir=workdir,
+            broker_port=port,
+            prefix=prefix,
+            host_id=REAL_HOST,
+            interval=REAL_INTERVAL_S,
+            mqtt=mqtt,
+        )
+        real = cls(agent, guests, prefix, pipe, time.time())
+        agent.start()
+        return real
+
+    def arrivals(self) -> list[Arrival]:
+        """Everything of the real agent that reached the subscriber so far, decoded."""
+        self.pipe.send("real")
+        out = []
+        for topic, payload, retain, wall, mono in self.pipe.recv():
+            error = None
+            try:
+                where = parse_topic(self.prefix, topic)
+                body = decode(payload) if payload else None
+            except (TopicError, PayloadError) as err:
+                where, body, error = None, None, f"{topic}: {err}"
+            out.append(Arrival(topic, payload, 1, retain, where, body, wall, mono, error))
+        return out
+
+    def seen(self, arrivals: list[Arrival]) -> dict[tuple[str, int], list[Seen]]:
+        """Transitions of the real guests by (domain, vCPU), in arrival order."""
+        names = {g.name for g in self.guests}
+        out: dict[tuple[str, int], list[Seen]] = {}
+        for a in arrivals:
+            body = a.body
+            if isinstance(body, Transition) and body.domain in names:
+                seen = Seen(a, body, parse_rfc3339(body.at), parse_rfc3339(body.changed_at))
+                out.setdefault((body.domain, body.vcpu), []).append(seen)
+        return out
+
+    def online_after(self, arrivals: list[Arrival], wall: float) -> float | None:
+        """Arrival time of the first ``online`` published after ``wall``."""
+        for a in arrivals:
+            body = a.body
+            if (
+                isinstance(body, Status)
+                and body.status == "online"
+                and parse_rfc3339(body.at) >= wall - 0.001  # ``at`` has ms resolution
+            ):
+                return a.wall
+        return None
+
+    async def wait_online(self, after: float, timeout: float) -> float | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.agent.running():
+                raise RuntimeError(f"vcpu-agent exited:\n{self.agent.log_tail()}")
+            back = self.online_after(self.arrivals(), after)
+            if back is not None:
+                return back
+            await asyncio.sleep(0.2)
+        return None
+
+    def port(self) -> int | None:
+        """The broker port of the agent's latest connection (its log)."""
+        connected = self.agent.events("mqtt.connected")
+        port = connected[-1].get("port") if connected else None
+        return port if isinstance(port, int) else None
+
+    def reconnected_after(self, wall: float) -> float | None:
+        """Seconds from ``wall`` to its first ``mqtt.connected`` after it (its log)."""
+        for e in self.agent.events("mqtt.connected"):
+            stamp = e.get("timestamp")
+            if isinstance(stamp, str) and parse_rfc3339(stamp) >= wall:
+                return parse_rfc3339(stamp) - wall
+        return None
+
+    def decided(self) -> dict[tuple[str, int], set[int]]:
+        names = {g.name for g in self.guests}
+        out: dict[tuple[str, int], set[int]] = {}
+        for e in self.agent.events("vcpu.transition"):
+            domain, vcpu, seq = e.get("domain"), e.get("vcpu"), e.get("seq")
+            if domain in names and isinstance(vcpu, int) and isinstance(seq, int):
+                out.setdefault((str(domain), vcpu), set()).add(seq)
+        return out
+
+    async def chain(self) -> Chain:
+        """Read what it decided, give that 2 s to arrive, then check every chain."""
+        decided = self.decided()
+        await asyncio.sleep(2.0)
+        seen = self.seen(self.arrivals())
+        lost = broken = dups = 0
+        for key, seqs in decided.items():
+            got: set[int] = set()
+            last_seq, last_to = 0, None
+            for s in seen.get(key, []):
+                t = s.transition
+                if t.seq in got:
+                    dups += 1
+                    continue
+                got.add(t.seq)
+                if t.seq != last_seq + 1 or (last_to is not None and t.from_state != last_to):
+                    broken += 1
+                last_seq, last_to = t.seq, t.to_state
+            lost += len(seqs - got)
+        return Chain(sum(len(v) for v in decided.values()), lost, broken, dups)
+
+    def stats(
+        self, arrivals: list[Arrival], windows: list[tuple[float, float]], cpu: float
+    ) -> RealStats:
+        """Judge every guest's phase changes inside ``windows`` (wall clock)."""
+        seen = self.seen(arrivals)
+        matched: list[Match] = []
+        changes = missed = false = 0
+        for w0, w1 in windows:
+            for guest in self.guests:
+                markers = guest.truth.markers()
+                before = [m for m in markers if m.t_wall < w0]
+                inside = [m for m in markers if w0 <= m.t_wall < w1]
+                after = [m for m in markers if m.t_wall >= w1]
+                if not before or not after:
+                    continue  # no opening phase, or the last one is still open
+                verdict = judge(
+                    [before[-1], *inside, after[0]],
+                    seen.get((guest.name, 0), []),
+                    end_wall=after[0].t_wall,
+                )
+                changes += verdict.changes
+                matched += verdict.matched
+                missed += len(verdict.missed)
+                false += len(verdict.false)
+        lat = [m.latency * 1e3 for m in matched]
+        dec = [(m.seen.arrival.wall - m.seen.at) * 1e3 for m in matched]
+        return RealStats(
+            changes,
+            missed,
+            false,
+            nearest_rank(lat, 50),
+            nearest_rank(lat, 99),
+            nearest_rank(dec, 50),
+            nearest_rank(dec, 99),
+            cpu,
+        )
+
+
 @dataclass
 class Row:
     broker: str
@@ -287,6 +576,9 @@ class Row:
     gen_cpu: float
     sub_cpu: float
     verdict: str
+    window: tuple[float, float] | None = None  # wall clock of the measured window
+    agent_cpu: float = 0.0  # the real agent's share of one core in the window
+    real: RealStats | None = None  # the real agent, judged once its phases closed
 
 
 async def measure(
@@ -297,6 +589,7 @@ async def measure(
     broker: str,
     churn: str,
     window: float,
+    real: RealAgent | None,
 ) -> Row:
     deadline = time.monotonic() + 30
     while fleet.connected() < len(fleet.hosts) or fleet.backlog():
@@ -308,12 +601,14 @@ async def measure(
         pipe.send("mark")
     sub_cpu0 = sum(pipe.recv() for _, pipe in subs)
     gen0, b0, t0 = cpu_s(os.getpid()), sum(cpu_s(p) for p in broker_pids), time.monotonic()
+    wall0, agent0 = time.time(), real.agent.cpu_seconds() if real is not None else 0.0
     decided0 = fleet.decided
     worst_lag = 0.0
     while time.monotonic() - t0 < window:
         await asyncio.sleep(0.1)
         worst_lag = max(worst_lag, fleet.lag)
     wall = time.monotonic() - t0
+    wall1, agent1 = time.time(), real.agent.cpu_seconds() if real is not None else 0.0
     decided = (fleet.decided - decided0) / wall
     expected = len(fleet.hosts) * fleet.vcpus * fleet.rate
     gen = (cpu_s(os.getpid()) - gen0) / wall
@@ -331,7 +626,10 @@ async def measure(
     p50, p99 = qs[49], qs[98]
     sub = (sub_cpu1 - sub_cpu0) / wall / max(1, len(subs))
     verdict = "ok"
-    if gen >= SATURATED or worst_lag > P99_LIMIT_S or decided < 0.8 * expected:
+    # Fewer decisions than the rate asks: the loop could not keep up. Allow for the
+    # draw's own noise (binomial, ~Poisson): at idle a window expects ~100 events.
+    short = expected * wall * 0.8 - 3 * math.sqrt(expected * wall)
+    if gen >= SATURATED or worst_lag > P99_LIMIT_S or decided * wall < short:
         # Its loop fell behind: the latency is the generator's, not the broker's.
         verdict = f"generator saturated (loop {worst_lag * 1e3:.0f} ms late)"
     elif sub >= SATURATED:
@@ -342,7 +640,7 @@ async def measure(
         broker,
         churn,
         len(fleet.hosts),
-        fleet.connected() + len(subs),
+        fleet.connected() + len(subs) + int(real is not None),
         len(fleet.hosts) * (fleet.vcpus + 1),
         decided,
         events / wall,
@@ -353,6 +651,8 @@ async def measure(
         gen,
         sub,
         verdict,
+        window=(wall0, wall1) if real is not None else None,
+        agent_cpu=(agent1 - agent0) / wall,
     )
 
 
@@ -362,7 +662,8 @@ def start_subscribers(ports: list[int], prefix: str, shards: int) -> list[tuple[
     for k in range(shards):
         mine, theirs = ctx.Pipe()
         port = ports[k % len(ports)]
-        proc = ctx.Process(target=subscriber_main, args=(port, f"{prefix}/s{k}/#", theirs))
+        level = f"/{encode_level(REAL_HOST)}/"
+        proc = ctx.Process(target=subscriber_main, args=(port, f"{prefix}/s{k}/#", theirs, level))
         proc.start()
         subs.append((proc, mine))
     time.sleep(1.5)  # spawned, connected, subscribed (a nats QoS 1 SUBACK takes ~1 s)
@@ -378,6 +679,22 @@ def stop_subscribers(subs: list[tuple[BaseProcess, Pipe]]) -> None:
             proc.kill()
 
 
+@dataclass(frozen=True, slots=True)
+class RealSetup:
+    """How this broker run starts its real agent (``guests`` empty: none)."""
+
+    guests: list[Guest]
+    workdir: Path
+    port: int
+    mqtt: Mapping[str, object] | None = None
+
+
+def real_mqtt(**keys: object) -> dict[str, object]:
+    """The real agent's ``[mqtt]`` overrides: its own client id (the default is
+    ``vcpu-agent-<hostname>``, shared with any other agent on this machine)."""
+    return {"client_id": f"fleet-real-{uuid.uuid4().hex[:8]}", **keys}
+
+
 async def run_broker(
     name: str,
     *,
@@ -387,6 +704,7 @@ async def run_broker(
     args: argparse.Namespace,
     rates: dict[str, float],
     cluster: NatsCluster | None,
+    setup: RealSetup,
 ) -> list[Row]:
     prefix = f"fleet-{uuid.uuid4().hex[:6]}"
     subs = start_subscribers(sub_ports, prefix, args.subscribers)
@@ -395,11 +713,30 @@ async def run_broker(
     churn = asyncio.get_running_loop().create_task(fleet.churn())
     rows: list[Row] = []
     best = 0
+    real: RealAgent | None = None
+    qemu0, began = qemu_cpu_s(setup.guests), time.monotonic()
     try:
+        if setup.guests:
+            real = RealAgent.start(
+                setup.guests,
+                workdir=setup.workdir,
+                prefix=f"{prefix}/s0",  # shard 0's subscriber takes it
+                port=setup.port,
+                mqtt=setup.mqtt,
+                pipe=subs[0][1],
+            )
+            if await real.wait_online(real.started_wall, 30) is None:
+                raise RuntimeError(f"real agent not online in 30 s:\n{real.agent.log_tail()}")
         for h in args.ladder:
             fleet.add(h - len(fleet.hosts))
             row = await measure(
-                fleet, subs, broker_pids, broker=name, churn="busy", window=args.window
+                fleet,
+                subs,
+                broker_pids,
+                broker=name,
+                churn="busy",
+                window=args.window,
+                real=real,
             )
             rows.append(row)
             print(_fmt(row), flush=True)
@@ -412,7 +749,7 @@ async def run_broker(
             active = fleet.hosts
             fleet.hosts = active[: best or args.ladder[0]]
             row = await measure(
-                fleet, subs, broker_pids, broker=name, churn=level, window=args.window
+                fleet, subs, broker_pids, broker=name, churn=level, window=args.window, real=real
             )
             fleet.hosts = active
             rows.append(row)
@@ -420,7 +757,10 @@ async def run_broker(
         fleet.rate = rates["busy"]
         if cluster is not None:
             fleet.hosts = fleet.hosts[: best or args.ladder[0]]
-            rows.append(await kill_one(fleet, subs, cluster, broker_pids))
+            rows.append(await kill_one(fleet, subs, cluster, broker_pids, real))
+        if real is not None:
+            qemu = (qemu_cpu_s(setup.guests) - qemu0) / (time.monotonic() - began)
+            rows.append(await judge_real(name, rows, real, qemu, args.phase))
     finally:
         churn.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -429,16 +769,56 @@ async def run_broker(
             await host.publisher.stop(0.5)
             if host.task is not None:
                 host.task.cancel()
+        if real is not None:
+            rc = real.agent.stop()
+            if rc != 0:
+                print(f"real agent exited {rc}:\n{real.agent.log_tail()}", flush=True)
         stop_subscribers(subs)
     return rows
 
 
-async def kill_one(
-    fleet: Fleet, subs: list[tuple[BaseProcess, Pipe]], cluster: NatsCluster, pids: list[int]
+async def judge_real(
+    broker: str, rows: list[Row], real: RealAgent, qemu_cpu: float, phase: float
 ) -> Row:
-    """SIGKILL node 0 at this load (the subscribers are on the others)."""
+    """Fill in each window's real-agent figures, once every phase in them has
+    closed; return the broker's summary row for the real agent (all windows)."""
+    measured = [r for r in rows if r.window is not None]
+    if not measured:
+        raise RuntimeError("no measured window")
+    last = max(r.window[1] for r in measured if r.window is not None)
+    # The phase open at the last window's end must close (and its transition arrive).
+    await asyncio.sleep(max(0.0, last + 2 * phase + 1.0 - time.time()))
+    arrivals = real.arrivals()
+    windows: list[tuple[float, float]] = []
+    for row in measured:
+        assert row.window is not None
+        row.real = real.stats(arrivals, [row.window], row.agent_cpu)
+        windows.append(row.window)
+    seconds = sum(w1 - w0 for w0, w1 in windows)
+    cpu = sum(r.agent_cpu * (r.window[1] - r.window[0]) for r in measured if r.window) / seconds
+    chain = await real.chain()
+    summary = Row(broker, "real", len(real.guests), 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, "")
+    summary.real = real.stats(arrivals, windows, cpu)
+    summary.verdict = (
+        f"all windows; {chain.describe()}; {len(real.guests)} guests' QEMU {qemu_cpu:.0%} of a core"
+    )
+    print(_fmt(summary), flush=True)
+    return summary
+
+
+async def kill_one(
+    fleet: Fleet,
+    subs: list[tuple[BaseProcess, Pipe]],
+    cluster: NatsCluster,
+    pids: list[int],
+    real: RealAgent | None,
+) -> Row:
+    """SIGKILL node 0 at this load (the subscribers are on the others; the real
+    agent, which lists node 0 first, is normally on it)."""
     await asyncio.sleep(2.0)
-    killed = time.monotonic()
+    on = real.port() if real is not None else None
+    node = f"n{cluster.mqtt_ports.index(on) + 1}" if on in cluster.mqtt_ports else f"port {on}"
+    killed, killed_wall = time.monotonic(), time.time()
     cluster.kill(0)
     back = None
     while time.monotonic() - killed < 30:
@@ -447,6 +827,11 @@ async def kill_one(
             back = time.monotonic() - killed
         if back is not None and time.monotonic() - killed > 5:
             break
+    real_back = None
+    if real is not None:
+        left = max(1.0, 30 - (time.monotonic() - killed))
+        online = await real.wait_online(killed_wall, left)
+        real_back = None if online is None else online - killed_wall
     fleet.rate = 0.0  # stop producing; let everything drain
     deadline = time.monotonic() + 30
     while fleet.backlog() and time.monotonic() < deadline:
@@ -454,40 +839,74 @@ async def kill_one(
     await asyncio.sleep(3.0)
     produced = fleet.produced()
     received: dict[tuple[str, str, int], set[int]] = {}
+    connects = []
     for _, pipe in subs:
         pipe.send("seqs")
-        for key, seqs in pipe.recv().items():
+        got, n = pipe.recv()
+        connects.append(n)
+        for key, seqs in got.items():
             received.setdefault(key, set()).update(seqs)
-    lost = sum(len(set(range(1, top + 1)) - received.get(k, set())) for k, top in produced.items())
-    total = sum(produced.values())
-    verdict = f"SIGKILL n1: {lost} of {total} events lost; all hosts back in " + (
-        f"{back:.2f} s" if back is not None else "> 30 s"
+    by_shard = [0] * len(subs)
+    for key, top in produced.items():
+        index = int(key[0].split(".", 1)[0][1:])  # h00042.fleet.example.com
+        by_shard[index % len(subs)] += len(set(range(1, top + 1)) - received.get(key, set()))
+    lost, total = sum(by_shard), sum(produced.values())
+    verdict = (
+        f"SIGKILL n1: {lost} of {total} events lost (by shard {by_shard}; subscriber "
+        f"connections {connects}); all hosts back in "
+        + (f"{back:.2f} s" if back is not None else "> 30 s")
     )
+    if real is not None:
+        chain = await real.chain()
+        again = real.reconnected_after(killed_wall)
+        verdict += (
+            f"; real agent (on {node}): {chain.describe()}, reconnected in "
+            + (f"{again:.2f} s" if again is not None else "> 30 s")
+            + ", its online at the subscriber "
+            + (f"{real_back:.2f} s" if real_back is not None else "NOT within 30 s")
+            + " after the kill"
+        )
     print(verdict, flush=True)
     cluster.restart(0)
     return Row("nats x3", "kill", len(fleet.hosts), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, verdict)
 
 
-HEADER = (
+SIM_HEAD = (
     f"{'broker':<10} {'churn':<6} {'hosts':>6} {'conns':>6} {'retained':>9} {'decided/s':>9} "
     f"{'events/s':>9} "
     f"{'p50 ms':>7} {'p99 ms':>7} {'brk CPU':>8} {'brk MiB':>8} {'gen CPU':>8} "
-    f"{'sub CPU':>8}  verdict"
+    f"{'sub CPU':>8}"
 )
+REAL_HEAD = (
+    f" {'rl p50':>7} {'rl p99':>7} {'rl d50':>7} {'rl d99':>7} {'chg/mis/fls':>11} {'agt CPU':>8}"
+)
+HEADER = f"{SIM_HEAD}{REAL_HEAD}  verdict"
+
+
+def _fmt_real(s: RealStats | None) -> str:
+    if s is None:
+        return " " * len(REAL_HEAD)
+    return (
+        f" {s.p50_ms:>7.0f} {s.p99_ms:>7.0f} {s.dec_p50_ms:>7.1f} {s.dec_p99_ms:>7.1f} "
+        f"{f'{s.changes}/{s.missed}/{s.false}':>11} {s.agent_cpu:>7.1%}"
+    )
 
 
 def _fmt(r: Row) -> str:
     if r.churn == "kill":
         return f"{r.broker:<10} {r.churn:<6} {r.hosts:>6}  {r.verdict}"
+    if r.churn == "real":
+        head = f"{r.broker:<10} {r.churn:<6} {r.hosts:>6}"
+        return f"{head:<{len(SIM_HEAD)}}{_fmt_real(r.real)}  {r.verdict}"
     return (
         f"{r.broker:<10} {r.churn:<6} {r.hosts:>6} {r.connections:>6} {r.retained:>9} "
         f"{r.decided_s:>9.0f} {r.events_s:>9.0f} {r.p50_ms:>7.1f} {r.p99_ms:>7.1f} "
-        f"{r.broker_cpu:>7.0%} {r.broker_rss:>8.0f} {r.gen_cpu:>7.0%} {r.sub_cpu:>7.0%}  "
-        f"{r.verdict}"
+        f"{r.broker_cpu:>7.0%} {r.broker_rss:>8.0f} {r.gen_cpu:>7.0%} {r.sub_cpu:>7.0%}"
+        f"{_fmt_real(r.real)}  {r.verdict}"
     )
 
 
-async def main_async(args: argparse.Namespace) -> None:
+async def main_async(args: argparse.Namespace, guests: list[Guest], workdir: Path) -> None:
     rates = {"idle": 0.01, "busy": busy_rate(), "worst": 1.0}
     print(
         f"churn per vCPU: idle {rates['idle']}/s, busy {rates['busy']:.3f}/s "
@@ -495,6 +914,14 @@ async def main_async(args: argparse.Namespace) -> None:
         f"{args.subscribers} subscriber processes; window {args.window} s",
         flush=True,
     )
+    if guests:
+        print(
+            f"real: {len(guests)} TCG toggler guests (64 MiB, 1 vCPU, busy = halted = "
+            f"{args.phase} s), one vcpu-agent run (interval {REAL_INTERVAL_S} s, host "
+            f"{REAL_HOST}) on shard 0; rl = real agent: p50/p99 ms marker -> subscriber, "
+            f"d50/d99 ms decision -> subscriber, changes/missed/false, its CPU",
+            flush=True,
+        )
     print(HEADER, flush=True)
     rows: list[Row] = []
     with Mosquitto(extra_conf="max_queued_messages 0\nmax_inflight_messages 0") as mosq:
@@ -508,6 +935,7 @@ async def main_async(args: argparse.Namespace) -> None:
             args=args,
             rates=rates,
             cluster=None,
+            setup=RealSetup(guests, workdir / "agent-mosquitto", mosq.port, real_mqtt()),
         )
     with NatsCluster() as cluster:
         pids = [p for p in cluster.pids() if p is not None]
@@ -519,6 +947,13 @@ async def main_async(args: argparse.Namespace) -> None:
             args=args,
             rates=rates,
             cluster=cluster,
+            # Every node, node 1 first: the real agent is on the node the kill takes.
+            setup=RealSetup(
+                guests,
+                workdir / "agent-nats",
+                cluster.mqtt_ports[0],
+                real_mqtt(servers=cluster.servers, protocol="3.1.1"),
+            ),
         )
     print("\nsummary (CPU = share of one core; brk = broker, all nodes summed)")
     print(HEADER)
@@ -526,7 +961,16 @@ async def main_async(args: argparse.Namespace) -> None:
         print(_fmt(row))
 
 
-def main() -> None:
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    # SIGTERM like Ctrl-C (and SIGINT even when a shell started us in the background
+    # with it ignored): unwind, so every finally/with below cleans up. Once: a second
+    # signal must not cut the cleanup short (guests left running).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vcpus", type=int, default=8)
     parser.add_argument("--window", type=float, default=6.0)
@@ -536,13 +980,39 @@ def main() -> None:
         type=lambda s: [int(x) for x in s.split(",")],
         default=[100, 200, 400, 600, 800],
     )
+    parser.add_argument(
+        "--real-agents",
+        type=int,
+        default=2,
+        help="real TCG toggler guests watched by one real vcpu-agent run (0: none)",
+    )
+    parser.add_argument(
+        "--phase",
+        type=float,
+        # As bench/latency.py: several samples per phase, the grid drifting over markers.
+        default=round(max(1.5, 4 * REAL_INTERVAL_S) + 0.37 * REAL_INTERVAL_S, 2),
+        help="the real guests' busy = halted phase, s",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (agent logs)")
     args = parser.parse_args()
-    # SIGTERM unwinds like Ctrl-C: the brokers this run started are stopped by PID.
-    signal.signal(signal.SIGTERM, lambda *_a: sys.exit(143))
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
     logs.configure(level="error", fmt="console")
     logging.getLogger("paho").setLevel(logging.CRITICAL)
-    asyncio.run(main_async(args))
+    workdir = Path(tempfile.mkdtemp(prefix="vcpu-fleet-"))
+    try:
+        with real_guests(args.real_agents, args.phase, workdir) as guests:
+            asyncio.run(main_async(args, guests, workdir))
+    except KeyboardInterrupt as stop:
+        print(f"interrupted ({stop}): guests, agent and brokers stopped", file=sys.stderr)
+        return 130
+    finally:
+        if args.keep:
+            print(f"work dir kept: {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -78,6 +78,13 @@ def config_document(
         }
     for name, values in sections.items():
         doc.setdefault(name, {}).update(values)
+    mqtt = sections.get("mqtt", {})
+    if mqtt.get("servers"):
+        # ``servers`` replaces host/port: the loopback ones above would name a second
+        # broker, which agent/config.py refuses. A host or port given here stays.
+        for key in ("host", "port"):
+            if key not in mqtt:
+                del doc["mqtt"][key]
     return doc
 
 
@@ -149,8 +156,13 @@ class AgentProcess:
         uri: str = URI,
         log_level: str = "info",
         libvirt_keys: Mapping[str, float] | None = None,
+        mqtt: Mapping[str, object] | None = None,
     ) -> AgentProcess:
-        """The agent of a real-guest run: production timings but for ``interval``."""
+        """The agent of a real-guest run: production timings but for ``interval``.
+
+        ``mqtt`` overrides the ``[mqtt]`` section key by key, e.g. a cluster's
+        ``servers`` (which then replace host/port) and ``protocol = "3.1.1"``.
+        """
         doc = config_document(
             port=broker_port,
             prefix=prefix,
@@ -161,6 +173,7 @@ class AgentProcess:
             fast=False,
             libvirt=dict(libvirt_keys or {}),
             log={"level": log_level},
+            mqtt=dict(mqtt or {}),
         )
         config = write_config(workdir / "agent.toml", doc)
         return cls(config, log_path=workdir / "agent.log", host_id=host_id)
