@@ -138,6 +138,7 @@ class Service:
         mqtt_task = asyncio.create_task(self.publisher.run(), name="mqtt")
         main = asyncio.create_task(self._main(), name="sampling")
         stop = asyncio.create_task(self._stop.wait(), name="stop")
+        ready = asyncio.create_task(self._ready_when_connected(), name="ready")
         try:
             await asyncio.wait({main, stop, mqtt_task}, return_when=asyncio.FIRST_COMPLETED)
             for task in (main, mqtt_task):
@@ -158,6 +159,7 @@ class Service:
                 await mqtt_task
             self.outbox.close()  # what the broker did not acknowledge stays in a spool
             stop.cancel()
+            ready.cancel()
             for sig in signals:
                 loop.remove_signal_handler(sig)
             log.info("agent.stopped", samples=self.samples)
@@ -386,10 +388,23 @@ class Service:
 
     def _after_sample(self) -> None:
         self.notifier.watchdog()
-        if self._ready:
+        self._maybe_ready()
+
+    async def _ready_when_connected(self) -> None:
+        """READY also when the broker answers (or stops being waited for) after the
+        first sample: with a long interval, the next sample could be a minute away."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(READY_MQTT_WAIT):
+                await self.publisher.connected.wait()
+        self._maybe_ready(waited_out=True)
+
+    def _maybe_ready(self, *, waited_out: bool = False) -> None:
+        """READY=1 once a sample is done and the broker connected (or was waited for
+        ``READY_MQTT_WAIT`` s: the agent works, spooling, while the broker is down)."""
+        if self._ready or self.samples == 0:
             return
-        waited = time.time() - self.started_at
-        if self.publisher.connected.is_set() or waited > READY_MQTT_WAIT:
+        waited = waited_out or time.time() - self.started_at >= READY_MQTT_WAIT
+        if self.publisher.connected.is_set() or waited:
             self._ready = True
             self.notifier.ready(f"watching {len(self.host.domains)} domains")
             log.info(

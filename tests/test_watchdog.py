@@ -16,14 +16,17 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from agent.cli import WATCHDOG_MARGIN, watchdog_needed_usec
 from agent.config import parse
+from agent.service import READY_MQTT_WAIT
 from lab.mosquitto import Mosquitto
+from lab.rig import AgentProcess
 
 pytestmark = pytest.mark.mqtt
 
@@ -126,3 +129,39 @@ def test_a_watchdog_meant_for_another_process_is_not_touched(
     )
     assert not [d for d in datagrams if "WATCHDOG_USEC=" in d]
     assert not [e for e in events if e["event"] == "watchdog.extended"]
+
+
+def test_ready_follows_the_broker_when_it_answers_after_the_first_sample(
+    tmp_path: Path, make_broker: Callable[..., Mosquitto], notify_socket: socket.socket
+) -> None:
+    # With a 45 s interval the next sample is 45 s away: READY must not wait for it.
+    broker = make_broker()
+    broker.stop()  # down at start: the first sample happens before any connection
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        '[agent]\nhost_id = "wd"\n[libvirt]\nuri = "test:///default"\n'
+        "[sampling]\ninterval = 45\n"
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\n'
+        "reconnect_min = 0.1\nreconnect_max = 0.2\n"
+        '[spool]\npath = ""\n[log]\nformat = "json"\n'
+    )
+    agent = AgentProcess(
+        argv=[sys.executable, "-m", "agent", "run", "--config", str(cfg)],
+        log_path=tmp_path / "agent.log",
+    )
+    os.environ["NOTIFY_SOCKET"] = str(tmp_path / "notify")
+    try:
+        agent.start()
+    finally:
+        del os.environ["NOTIFY_SOCKET"]
+    try:
+        agent.wait_log("mqtt.connect_failed", timeout=10)
+        broker.start()
+        up = time.monotonic()
+        datagrams: list[str] = []
+        while "READY=1" not in "\n".join(datagrams).splitlines():
+            datagrams.append(notify_socket.recv(4096).decode())
+        assert time.monotonic() - up < READY_MQTT_WAIT  # not the 10 s fallback, nor 45 s
+        assert agent.wait_log("agent.ready", timeout=5)["mqtt_connected"] is True
+    finally:
+        assert agent.stop() == 0
