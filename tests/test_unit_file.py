@@ -15,15 +15,17 @@ from agent.cli import EX_CANTCREAT
 from agent.config import EX_CONFIG
 
 UNIT = Path(__file__).parent.parent / "systemd" / "vcpu-agent.service"
+REACT_UNIT = UNIT.with_name("vcpu-react.service")
 needs_systemd = pytest.mark.skipif(
     shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
 )
 
 
-def unit_options() -> dict[str, list[str]]:
+def unit_options(unit: Path = UNIT) -> dict[str, list[str]]:
+    """``Section.Key`` -> every value, in order (repeated keys accumulate)."""
     options: dict[str, list[str]] = {}
     section = ""
-    for raw in UNIT.read_text().splitlines():
+    for raw in unit.read_text().splitlines():
         line = raw.strip()
         if line.startswith("["):
             section = line.strip("[]")
@@ -33,18 +35,21 @@ def unit_options() -> dict[str, list[str]]:
     return options
 
 
-def installed_copy(tmp_path: Path) -> Path:
-    """The unit with ExecStart pointing at this checkout's entry point."""
+def installed_copy(unit: Path, tmp_path: Path) -> Path:
+    """The unit with ExecStart pointing at this checkout's entry point (and react's
+    hook at a program that exists)."""
     exe = Path(sys.executable).parent / "vcpu-agent"
-    copy = tmp_path / "vcpu-agent.service"
-    copy.write_text(UNIT.read_text().replace("/opt/vcpu-agent/bin/vcpu-agent", str(exe)))
+    text = unit.read_text().replace("/opt/vcpu-agent/bin/vcpu-agent", str(exe))
+    copy = tmp_path / unit.name
+    copy.write_text(text.replace("/etc/vcpu-agent/react-hook", "/bin/true"))
     return copy
 
 
 @needs_systemd
-def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("unit", [UNIT, REACT_UNIT], ids=lambda u: u.stem)
+def test_systemd_analyze_verify_accepts_the_unit(unit: Path, tmp_path: Path) -> None:
     out = subprocess.run(
-        ["systemd-analyze", "verify", str(installed_copy(tmp_path))],
+        ["systemd-analyze", "verify", str(installed_copy(unit, tmp_path))],
         capture_output=True,
         text=True,
         check=False,
@@ -54,9 +59,10 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
 
 
 @needs_systemd
-def test_the_unit_exposure_score_is_low(tmp_path: Path) -> None:
+@pytest.mark.parametrize("unit", [UNIT, REACT_UNIT], ids=lambda u: u.stem)
+def test_the_unit_exposure_score_is_low(unit: Path, tmp_path: Path) -> None:
     out = subprocess.run(
-        ["systemd-analyze", "security", "--offline=yes", str(installed_copy(tmp_path))],
+        ["systemd-analyze", "security", "--offline=yes", str(installed_copy(unit, tmp_path))],
         capture_output=True,
         text=True,
         check=False,
