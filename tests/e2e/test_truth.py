@@ -251,6 +251,9 @@ def test_suspend_and_resume_publish_lifecycle_events_and_na_then_back(
         rig.feed.wait_for(
             _transition(name, vcpu, ACTIVE, ("n/a",)), timeout=10, what=f"vCPU {vcpu} -> n/a"
         )
+        # The retained state follows its transition through the agent's ordered
+        # queue (docs/topics.md, "The chain"): wait for it, then read the retained tree.
+        rig.feed.wait_for(_state_is(name, vcpu, ("n/a",)), timeout=10, what=f"vCPU {vcpu} n/a")
         assert _retained_state(rig, name, vcpu) == "n/a"
 
     resumed = time.time()
