@@ -41,7 +41,11 @@ if TYPE_CHECKING:
 CONTENT_TYPE = "application/json"
 MAX_TOPIC_BYTES = 65535  # MQTT: a UTF-8 string is prefixed by a 16-bit length
 MAX_REMAINING_LENGTH = 268_435_455  # MQTT: four bytes of variable-length integer
-HOUSEKEEPING_S = 1.0  # how often paho's keepalive bookkeeping (loop_misc) runs
+# paho's keepalive bookkeeping (loop_misc) runs every keepalive / 4: a PINGREQ
+# then leaves at most 1.25 x keepalive after the last packet, inside the 1.5 x
+# the broker allows, and an idle agent wakes for it every 7.5 s (keepalive 30),
+# not every second (docs/benchmarks.md, "wake-ups").
+HOUSEKEEPING_SHARE = 0.25
 
 
 class MqttError(Exception):
@@ -204,7 +208,7 @@ class Connection:
             self.close_reason = f"broker refused the connection: {describe(rc)}"
             self.close()
             raise ConnectRefusedError(self.close_reason)
-        self._misc = self._loop.call_later(HOUSEKEEPING_S, self._housekeeping)
+        self._misc = self._loop.call_later(self._housekeeping_s, self._housekeeping)
         return connack
 
     def _close_after_thread(self, fut: asyncio.Future[MQTTErrorCode]) -> None:
@@ -318,12 +322,16 @@ class Connection:
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             self._lost(f"write: {rc.name}")
 
+    @property
+    def _housekeeping_s(self) -> float:
+        return self.cfg.keepalive * HOUSEKEEPING_SHARE
+
     def _housekeeping(self) -> None:
         rc = self._client.loop_misc()
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             self._lost(f"keepalive: {rc.name}")
         elif not self.closed.is_set():
-            self._misc = self._loop.call_later(HOUSEKEEPING_S, self._housekeeping)
+            self._misc = self._loop.call_later(self._housekeeping_s, self._housekeeping)
 
     def _lost(self, reason: str) -> None:
         # Deferred: this may run inside a paho callback, where paho holds its locks.
