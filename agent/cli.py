@@ -34,10 +34,11 @@ EX_CANTCREAT = 73  # the spool is held by another agent or cannot be opened/writ
 EX_IOERR = 74  # stdout closed before our output was written
 EX_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C'd command
 
-# The watchdog is fed after each completed sample only. The longest gap between two
-# pings of a healthy agent is one interval plus one bulk call that took its whole
-# timeout; systemd recommends pinging at half the watchdog period (sd_watchdog_enabled(3)),
-# so the watchdog must be at least twice that gap. A shorter one is extended at start.
+# The watchdog is fed after each completed libvirt bulk call only. The longest gap
+# between two pings of a healthy agent is the longest time between bulk calls
+# (sampling.libvirt_longest) plus one call that took its whole timeout; systemd
+# recommends pinging at half the watchdog period (sd_watchdog_enabled(3)), so the
+# watchdog must be at least twice that gap. A shorter one is extended at start.
 WATCHDOG_MARGIN = 2.0
 
 log = logs.get("agent.cli")
@@ -148,7 +149,7 @@ def _run(cfg: Config) -> int:
 
 def watchdog_needed_usec(cfg: Config) -> int:
     """The shortest watchdog timeout this config can keep fed (see WATCHDOG_MARGIN)."""
-    gap = cfg.sampling.interval + cfg.libvirt.call_timeout
+    gap = cfg.sampling.libvirt_longest + cfg.libvirt.call_timeout
     return math.ceil(WATCHDOG_MARGIN * gap * 1e6)
 
 

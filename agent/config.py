@@ -41,6 +41,9 @@ MAX_PREFIX_BYTES = 256
 MAX_HOST_ID_BYTES = 256
 # A config file is a few kilobytes; anything larger is the wrong file.
 MAX_CONFIG_BYTES = 1 << 20
+# While /proc serves every running domain, the libvirt bulk call (domain state,
+# online vCPUs) still runs this often, seconds (docs/design.md, "Sampling").
+PROC_LIBVIRT_EVERY = 5.0
 
 
 class ConfigError(Exception):
@@ -281,13 +284,29 @@ class LibvirtSection:
 
 @dataclass(frozen=True, slots=True)
 class SamplingSection:
-    interval: float = _setting(1.0, _number(0.05, 3600.0))
+    # The tick: vCPUs read from /proc (agent/schedstat.py) are looked at this often.
+    interval: float = _setting(0.25, _number(0.05, 3600.0))
+    # The libvirt bulk call's cadence for running domains /proc does not serve
+    # (KVM, single-threaded TCG, s390, /proc hidden); never more often than
+    # ``interval``. While /proc serves every running domain the call runs every
+    # PROC_LIBVIRT_EVERY s, for what only libvirt knows (state, online vCPUs).
+    libvirt_interval: float = _setting(1.0, _number(0.05, 3600.0))
     halted_enter: float = _setting(0.7, _number(0.0, 1.0))
     halted_leave: float = _setting(0.3, _number(0.0, 1.0))
     min_samples: int = _setting(1, _integer(1, 100))
     unknown_after: int = _setting(3, _integer(1, 100))
     event_followup: float = _setting(0.25, _number(0.0, 60.0))
     confirm_after: float = _setting(0.1, _number(0.0, 60.0))
+
+    @property
+    def libvirt_every(self) -> float:
+        """Seconds between bulk calls while some running domain is not on /proc."""
+        return max(self.interval, self.libvirt_interval)
+
+    @property
+    def libvirt_longest(self) -> float:
+        """The longest the agent goes between bulk calls (all domains on /proc)."""
+        return max(self.libvirt_every, PROC_LIBVIRT_EVERY)
 
     def thresholds(self) -> Thresholds:
         return Thresholds(

@@ -11,11 +11,12 @@ task. libvirt callbacks arrive as ``SourceEvent``s on ``self._events``.
                                        decisions marked resync)
 
 A tick reads the counters of domains that ``agent/schedstat.py`` serves from
-/proc (no libvirt call, nothing asked of QEMU); the libvirt bulk call runs on
-ticks while some running domain is not served, and at least every
-``LIBVIRT_INTERVAL`` for what only libvirt knows (domain state, online vCPUs,
-s390's halted flag). Every libvirt sample re-attaches the domains it returns, so
-a restarted QEMU or a hot-plugged vCPU is found again (docs/design.md, "Sampling").
+/proc (no libvirt call, nothing asked of QEMU); the libvirt bulk call runs every
+``sampling.libvirt_interval`` while some running domain is not served (those
+domains are looked at that often), and every ``PROC_LIBVIRT_EVERY`` s otherwise,
+for what only libvirt knows (domain state, online vCPUs, s390's halted flag).
+Every libvirt sample re-attaches the domains it returns, so a restarted QEMU or a
+hot-plugged vCPU is found again (docs/design.md, "Sampling").
 
 At start the renderer is seeded with the outbox's chain (what subscribers were
 told), so a change that happened while the agent was down is told as a resync
@@ -58,9 +59,6 @@ log = logs.get("agent.service")
 
 STOP_TIMEOUT = 3.0  # seconds to flush the broker on SIGTERM (the unit allows 5 s)
 READY_MQTT_WAIT = 10.0  # how long READY waits for the broker before going ahead
-# While /proc serves every running domain, the libvirt bulk call (domain state,
-# online vCPUs) runs this often, seconds; never more often than sampling.interval.
-LIBVIRT_INTERVAL = 5.0
 
 
 class Service:
@@ -167,15 +165,19 @@ class Service:
 
     async def _main(self) -> None:
         await self._connect_libvirt()
-        interval = self.cfg.sampling.interval
-        slow = max(interval, LIBVIRT_INTERVAL)
+        sampling = self.cfg.sampling
+        interval = sampling.interval
         next_tick = next_libvirt = time.monotonic()
         while not self._stop.is_set():
             now = time.monotonic()
             if now >= next_tick:
-                if now >= next_libvirt or not self._all_fast():
+                # Half a tick of slack: a bulk call due at a tick is not put off to
+                # the next one by the loop's jitter.
+                if now >= next_libvirt - interval / 2:
                     await self._sample_all()
-                    next_libvirt = now + slow
+                    next_libvirt = now + (
+                        sampling.libvirt_longest if self._all_fast() else sampling.libvirt_every
+                    )
                 else:
                     self._sample_fast(set(self._bases), whole=True)
                 next_tick += interval

@@ -28,6 +28,7 @@ import libvirt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from agent.config import SamplingSection
 from bench import procs
 from lab.domains import GuestPool, GuestSpec
 from lab.guest import build_toggler_image
@@ -61,7 +62,7 @@ def main() -> int:  # noqa: PLR0915 - one straight script
     parser.add_argument("--virt", choices=("tcg", "kvm"), default="tcg")
     parser.add_argument("--guests", type=int, default=8)
     parser.add_argument("--window", type=float, default=20.0)
-    parser.add_argument("--interval", type=float, default=1.0)
+    parser.add_argument("--interval", type=float, default=SamplingSection().interval)
     parser.add_argument("--set", action="append", default=[], help="[sampling] KEY=VALUE")
     parser.add_argument("--strace", action="store_true")
     parser.add_argument("--py-spy", type=Path, default=None)

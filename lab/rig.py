@@ -63,7 +63,7 @@ def config_document(
     doc: dict[str, dict[str, object]] = {
         "agent": {"host_id": host_id},
         "libvirt": {"uri": uri},
-        "sampling": {"interval": interval},
+        "sampling": {"interval": interval, "libvirt_interval": interval},
         "mqtt": {"host": "127.0.0.1", "port": port, "topic_prefix": prefix},
         "spool": {"path": str(spool_path)},
         "log": {"format": "json", "level": "info"},

@@ -30,7 +30,7 @@ def write_config(tmp_path: Path, broker: Mosquitto, prefix: str) -> Path:
     path.write_text(
         '[agent]\nhost_id = "clihost"\n'
         '[libvirt]\nuri = "test:///default"\n'
-        "[sampling]\ninterval = 0.2\n"
+        "[sampling]\ninterval = 0.2\nlibvirt_interval = 0.2\n"
         f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\ntopic_prefix = "{prefix}"\n'
         'client_id = "cli-test"\n'
         f'[spool]\npath = "{tmp_path / "spool.sqlite3"}"\n'

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -20,7 +21,7 @@ from agent.config import Config
 from agent.payloads import Lifecycle, Status, Transition, VcpuStatePayload, decode
 from agent.topics import Topics, parse_topic
 from lab.mosquitto import Mosquitto
-from lab.rig import Arrival, Feed, retained
+from lab.rig import Arrival, Feed, retained, wait_until
 from tests.testdriver import RunningAgent, agent_config, start_domain, with_cleanup
 
 pytestmark = pytest.mark.mqtt
@@ -75,6 +76,23 @@ def test_the_agent_announces_itself_online_retained(
     [kept] = late.wait_all(lambda m: True)
     assert kept.retain
     assert json.loads(kept.payload)["status"] == "offline"
+
+
+def test_a_domain_proc_does_not_serve_is_sampled_every_libvirt_interval_not_every_tick(
+    broker: Mosquitto,
+    run_agent: Callable[[Config], RunningAgent],
+    prefix: str,
+    domain: libvirt.virDomain,
+) -> None:
+    # A test-driver domain has no QEMU thread to read from /proc, like a KVM
+    # guest: it waits for the bulk call, every libvirt_interval (0.5 s), not for
+    # every tick (0.05 s). Three bulk calls take at least ~1.4 s; at every tick
+    # they would take 0.15 s.
+    agent = run_agent(agent_config(broker, prefix, interval=0.05, libvirt_interval=0.5))
+    wait_until(lambda: agent.service.samples >= 1, 15, "the first bulk call")
+    first, began = agent.service.samples, time.monotonic()
+    wait_until(lambda: agent.service.samples >= first + 3, 15, "three more bulk calls")
+    assert time.monotonic() - began >= 1.0
 
 
 def test_a_running_domain_publishes_retained_state_for_every_vcpu(

@@ -92,7 +92,11 @@ def test_the_needed_watchdog_is_twice_the_longest_gap_between_pings() -> None:
     cfg = parse({"sampling": {"interval": 45}, "libvirt": {"call_timeout": 3.0}})
     assert WATCHDOG_MARGIN == 2.0
     assert watchdog_needed_usec(cfg) == 96_000_000
-    assert watchdog_needed_usec(parse({})) == 8_000_000  # defaults: within WatchdogSec=30
+    # Defaults: the bulk call at least every 5 s (while /proc serves every domain)
+    # plus a 3 s call timeout, twice: within WatchdogSec=30.
+    assert watchdog_needed_usec(parse({})) == 16_000_000
+    slow = parse({"sampling": {"libvirt_interval": 20}, "libvirt": {"call_timeout": 3.0}})
+    assert watchdog_needed_usec(slow) == 46_000_000
 
 
 def test_a_watchdog_shorter_than_the_sampling_interval_allows_is_extended_at_start(

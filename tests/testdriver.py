@@ -27,7 +27,7 @@ def agent_config(
         {
             "agent": {"host_id": "testhost"},
             "libvirt": {"uri": "test:///default"},
-            "sampling": {"interval": interval, **extra},
+            "sampling": {"interval": interval, "libvirt_interval": interval, **extra},
             "mqtt": {
                 "host": "127.0.0.1",
                 "port": broker.port,

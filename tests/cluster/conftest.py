@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 
 import libvirt
 import paho.mqtt.client as paho
@@ -21,11 +21,30 @@ from agent.source import start_event_thread
 from lab.nats import NatsCluster, mqtt_client
 from tests.testdriver import RunningAgent, start_agent
 
+_SESSION: list[NatsCluster] = []
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed cluster test carries each node's log tail: whether the cluster
+    was electing leaders or re-creating consumers is in the nodes' logs only."""
+    report = yield
+    if report.failed and _SESSION:
+        for node in _SESSION[0].nodes:
+            report.sections.append((f"nats-server {node.name} log", node.log_tail(40)))
+    return report
+
 
 @pytest.fixture(scope="session")
 def nats_session() -> Iterator[NatsCluster]:
     with NatsCluster() as cluster:
-        yield cluster
+        _SESSION.append(cluster)
+        try:
+            yield cluster
+        finally:
+            _SESSION.clear()
 
 
 @pytest.fixture
@@ -58,7 +77,7 @@ def cluster_config(
         {
             "agent": {"host_id": host_id},
             "libvirt": {"uri": "test:///default"},
-            "sampling": {"interval": 0.1, "event_followup": 0.05},
+            "sampling": {"interval": 0.1, "libvirt_interval": 0.1, "event_followup": 0.05},
             "mqtt": {
                 "servers": servers,
                 "protocol": "3.1.1",

@@ -210,7 +210,7 @@ def test_every_edge_string_check_config_accepts_also_starts_run_without_a_traceb
         base: dict[str, dict[str, object]] = {
             "agent": {"host_id": "edge"},
             "libvirt": {"uri": "test:///default"},
-            "sampling": {"interval": 0.2},
+            "sampling": {"interval": 0.2, "libvirt_interval": 0.2},
             "mqtt": {
                 "host": "127.0.0.1",
                 "port": broker.port,

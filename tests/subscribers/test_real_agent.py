@@ -29,7 +29,7 @@ def agent_config(bus: Mosquitto, prefix: str, tmp_path: Path) -> Iterator[Path]:
     path.write_text(
         '[agent]\nhost_id = "testhost"\n'
         '[libvirt]\nuri = "test:///default"\n'
-        "[sampling]\ninterval = 0.2\n"
+        "[sampling]\ninterval = 0.2\nlibvirt_interval = 0.2\n"
         f'[mqtt]\nhost = "127.0.0.1"\nport = {bus.port}\ntopic_prefix = "{prefix}"\n'
         'reconnect_min = 0.1\nreconnect_max = 0.5\n[spool]\npath = ""\n[log]\nformat = "json"\n'
     )
