@@ -1,20 +1,26 @@
 """What sampling every vCPU costs the host: the agent beside the raw call and its peers.
 
-    python bench/peers.py --virt tcg --guests 8 [--window 30] [--tools raw,agent,...]
+    python bench/peers.py --virt tcg --guests 8 [--busy 2] [--window 30] [--tools raw,agent,...]
 
 Starts ``--guests`` lab guests (2 vCPUs each, both online; vCPU 0 runs the
 toggler with a 10 ms busy phase then halts for 655 s, vCPU 1 stays parked: a
-quiet host, nothing changes state) under the lab's libvirtd, then runs each
-tool alone, one after another, each for a warm-up and a measured ``--window``:
+quiet host, nothing changes state) under the lab's libvirtd; ``--busy N`` makes
+N of them busy instead (vCPU 0 runs 1 s, halts 2 s, over and over: two
+transitions per guest every 3 s, published and spooled). Then it runs each tool
+alone, one after another, each for a warm-up and a measured ``--window``:
 
 - ``raw``: a Python loop calling ``getAllDomainStats(VCPU|STATE, NOWAIT)`` on a
   read-only connection every second (what the agent must at least do);
-- ``agent``: ``vcpu-agent run`` with the shipped defaults (SQLite spool, 1 s
-  interval, read-only socket) against a lab mosquitto; ``--user`` runs it as
-  another user (the unit runs as a DynamicUser), which needs libvirtd to reach
-  polkit over a system D-Bus: none runs here, so it runs as root by default;
-- ``agent-before``: the same with an older ``agent`` package (``--before``);
-- ``agent-fast``: the agent at ``sampling.interval = --fast-interval``;
+- ``agent``: ``vcpu-agent run`` with the shipped defaults (SQLite spool, /proc
+  every 0.25 s, the bulk call every 1 s for domains /proc does not serve and
+  every 5 s otherwise, read-only socket) against a lab mosquitto;
+- ``agent-1s``: the same at ``sampling.interval = 1`` (the raw call's rate: the
+  per-sample comparison with ``raw``);
+- ``agent-before``: the 1 s agent with an older ``agent`` package (``--before``);
+
+The raw loop and the agents run as ``--user`` (default ``nobody``, as the unit
+runs the agent: a DynamicUser), with the Python of ``--agent``'s venv; the
+lab's libvirtd lets any local user open its read-only socket.
 - ``collectd``: Debian's collectd 5.12 with the ``virt`` plugin at ``Interval 1``
   (defaults otherwise) and the ``network`` plugin sending to a UDP port (how
   collectd is usually deployed);
@@ -52,6 +58,7 @@ import libvirt
 # Runnable as `python bench/peers.py` from the repository root.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from agent.config import SamplingSection
 from bench import procs
 from lab.domains import GuestPool, GuestSpec
 from lab.guest import build_toggler_image
@@ -64,6 +71,8 @@ BOOT_TIMEOUT_S = 180.0
 # cannot reach: like the unit's /opt/vcpu-agent, a venv of the system Python:
 #   python3 -m venv /opt/vcpu-agent-bench && /opt/vcpu-agent-bench/bin/pip install -e .
 AGENT = "/opt/vcpu-agent-bench/bin/vcpu-agent"
+QUIET = (0.01, 655.0)  # toggler busy / halted seconds: boots, runs 10 ms, halts
+BUSY = (1.0, 2.0)  # two transitions every 3 s
 
 RAW_LOOP = """
 import sys, time, libvirt
@@ -119,7 +128,7 @@ class Tool:
     def start(self, workdir: Path) -> None:
         log = (workdir / f"{self.name}.log").open("wb")
         preexec = None
-        if self.user is not None:
+        if self.user is not None and self.user != "root":
             pw = pwd.getpwnam(self.user)
 
             def preexec() -> None:
@@ -229,22 +238,21 @@ def agent_config(workdir: Path, broker_port: int, extra: str) -> Path:
 
 
 def make_tools(args: argparse.Namespace, workdir: Path, broker_port: int) -> dict[str, Tool]:
-    py = sys.executable
+    py = str(Path(args.agent).with_name("python"))
     tools: dict[str, Tool] = {
-        "raw": Tool("raw", [py, "-c", RAW_LOOP, "1.0"], 1.0),
+        "raw": Tool("raw", [py, "-c", RAW_LOOP, "1.0"], 1.0, user=args.user),
     }
     for name, extra, interval in (
-        ("agent", "", 1.0),
-        ("agent-before", "", 1.0),
-        ("agent-fast", f"interval = {args.fast_interval}\n", args.fast_interval),
+        ("agent", "", SamplingSection().interval),
+        ("agent-1s", "interval = 1.0\n", 1.0),
+        ("agent-before", "interval = 1.0\n", 1.0),
     ):
         adir = workdir / name
         adir.mkdir()
         cfg = agent_config(adir, broker_port, extra)
-        if args.user is not None:
-            pw = pwd.getpwnam(args.user)
-            for p in (adir, cfg):
-                os.chown(p, pw.pw_uid, pw.pw_gid)
+        pw = pwd.getpwnam(args.user)
+        for p in (adir, cfg):
+            os.chown(p, pw.pw_uid, pw.pw_gid)
         argv = [args.agent]
         if name == "agent-before":  # the editable install would win over PYTHONPATH
             argv = [
@@ -327,9 +335,12 @@ def measure(
         pids = tool.pids()
         walls0 = len(scraper.walls_ms if scraper else tool.walls_ms)
         own0, h0, t0 = procs.cpu_ns(pids), host.read(), time.monotonic()
+        published0 = _transitions(workdir, tool)
         time.sleep(args.window)
         own1, h1, t1 = procs.cpu_ns(pids), host.read(), time.monotonic()
         rss = sum(procs.rss_kib(p) for p in pids) / 1024
+        if tool.name.startswith("agent"):
+            tool.note += f"; {_transitions(workdir, tool) - published0} transitions in the window"
     finally:
         if scraper is not None:
             scraper.stop()
@@ -353,6 +364,13 @@ def measure(
         note=f"{scraper.bytes} B/scrape" if scraper else tool.note,
     )
     return row, after
+
+
+def _transitions(workdir: Path, tool: Tool) -> int:
+    """How many transitions an agent has logged (and so published) so far."""
+    if not tool.name.startswith("agent"):
+        return 0
+    return (workdir / f"{tool.name}.log").read_text().count('"vcpu.transition"')
 
 
 def fmt(v: float | None) -> str:
@@ -407,13 +425,9 @@ def main() -> int:
     parser.add_argument("--window", type=float, default=30.0, help="measured seconds per tool")
     parser.add_argument("--warmup", type=float, default=6.0, help="seconds before measuring")
     parser.add_argument("--idle", type=float, default=10.0, help="idle window after each tool")
-    parser.add_argument("--fast-interval", type=float, default=0.2)
-    parser.add_argument("--tools", default="raw,agent,agent-fast,collectd,exporter")
-    parser.add_argument(
-        "--user",
-        default=None,
-        help="run the agent as this user (libvirtd needs polkit on a system D-Bus for that)",
-    )
+    parser.add_argument("--busy", type=int, default=0, help="how many guests toggle (1 s / 2 s)")
+    parser.add_argument("--tools", default="raw,agent,agent-1s,collectd,exporter")
+    parser.add_argument("--user", default="nobody", help="run the raw loop and the agents as")
     parser.add_argument(
         "--before",
         default="/tmp/agent-before",
@@ -433,22 +447,26 @@ def main() -> int:
                 raise SystemExit(f"KVM unusable: {daemon.kvm.reason}")
             virt: VirtType = "kvm" if args.virt == "kvm" else "qemu"
             conn = libvirt.open(daemon.uri)
-            image = build_toggler_image(busy_s=0.01, halted_s=655.0, cache_dir=workdir)
+            quiet = build_toggler_image(busy_s=QUIET[0], halted_s=QUIET[1], cache_dir=workdir)
+            busy = build_toggler_image(busy_s=BUSY[0], halted_s=BUSY[1], cache_dir=workdir)
             with GuestPool(conn, prefix="vcpuagent-peers") as pool:
                 guests = [
-                    pool.start(GuestSpec(image=image, virt_type=virt, vcpus=2))
-                    for _ in range(args.guests)
+                    pool.start(
+                        GuestSpec(image=busy if i < args.busy else quiet, virt_type=virt, vcpus=2)
+                    )
+                    for i in range(args.guests)
                 ]
                 for g in guests:
-                    g.truth.wait_for(2, BOOT_TIMEOUT_S)  # booted, now halted for good
+                    g.truth.wait_for(2, BOOT_TIMEOUT_S)  # booted (quiet ones now halt for good)
                 host = Host([procs.qemu_pid(g.name) for g in guests])
                 others = len(conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE))
                 tools = make_tools(args, workdir, broker.port)
                 print(f"{machine_line()}")
                 print(
-                    f"{args.virt.upper()}: {args.guests} guests x 2 online vCPUs, quiet "
+                    f"{args.virt.upper()}: {args.guests} guests x 2 online vCPUs, "
+                    f"{args.busy} busy ({BUSY[0]:g} s / {BUSY[1]:g} s), the rest quiet "
                     f"(halted); {others} running domains on the host; window {args.window} s "
-                    f"per tool, load {os.getloadavg()[0]:.2f}"
+                    f"per tool, user {args.user}, load {os.getloadavg()[0]:.2f}"
                 )
                 idle = idle_rates(host, args.idle)
                 rows = []
@@ -458,7 +476,9 @@ def main() -> int:
                     rows.append(row)
                 print(f"load at end {os.getloadavg()[0]:.2f}")
             conn.close()
-        print_table(rows, f"\n{args.virt.upper()}, {args.guests} guests, per sample:")
+        print_table(
+            rows, f"\n{args.virt.upper()}, {args.guests} guests ({args.busy} busy), per sample:"
+        )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
