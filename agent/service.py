@@ -170,10 +170,14 @@ class Service:
         next_tick = next_libvirt = time.monotonic()
         while not self._stop.is_set():
             now = time.monotonic()
-            if now >= next_tick:
-                # Half a tick of slack: a bulk call due at a tick is not put off to
-                # the next one by the loop's jitter.
-                if now >= next_libvirt - interval / 2:
+            # Half a tick of slack: a bulk call due at a tick is not put off to the
+            # next one by the loop's jitter.
+            libvirt_at = next_libvirt - interval / 2
+            # With nothing on /proc (a KVM host) a tick has nothing to read: the
+            # loop sleeps until the bulk call is due.
+            tick_at = next_tick if self._bases else max(next_tick, libvirt_at)
+            if now >= tick_at:
+                if now >= libvirt_at:
                     await self._sample_all()
                     next_libvirt = now + (
                         sampling.libvirt_longest if self._all_fast() else sampling.libvirt_every
@@ -191,7 +195,7 @@ class Service:
                     await self._sample_some(due - fast)
                 continue
             resample_at = self.resamples.next_at()
-            wake = next_tick if resample_at is None else min(next_tick, resample_at)
+            wake = tick_at if resample_at is None else min(tick_at, resample_at)
             try:
                 async with asyncio.timeout(max(0.0, wake - now)):
                     event = await self._events.get()
