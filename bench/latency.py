@@ -35,6 +35,7 @@ import libvirt
 # Runnable as `python bench/latency.py` from the repository root.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from agent.config import SamplingSection
 from lab.domains import GuestPool, GuestSpec
 from lab.guest import build_toggler_image
 from lab.kvm import VirtType
@@ -50,6 +51,7 @@ BOOT_TIMEOUT_S = 120.0
 class Summary:
     virt: str
     interval_s: float
+    libvirt_interval_s: float
     phase_s: float
     duration_s: float
     changes: int
@@ -131,7 +133,9 @@ def print_changes(verdict: Verdict, t0: float) -> None:
 def run(args: argparse.Namespace) -> tuple[dict[str, str], Summary]:
     # Phases at a whole multiple of the interval would lock the sample grid to the
     # markers and measure one offset over and over; +0.37 interval walks it around.
-    phase = args.phase or round(max(1.5, 4 * args.interval) + 0.37 * args.interval, 2)
+    # KVM vCPUs stay with libvirt: they are looked at every libvirt_interval.
+    every = args.interval if args.virt == "tcg" else max(args.interval, args.libvirt_interval)
+    phase = args.phase or round(max(1.5, 4 * every) + 0.37 * every, 2)
     workdir = Path(tempfile.mkdtemp(prefix="vcpu-bench-"))
     with Libvirtd() as daemon, Mosquitto(workdir=workdir) as broker:
         if args.virt == "kvm" and not daemon.kvm.usable:
@@ -145,6 +149,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, str], Summary]:
             prefix=prefix,
             host_id=host_id,
             interval=args.interval,
+            sampling={"libvirt_interval": args.libvirt_interval},
         )
         try:
             pool = GuestPool(conn, prefix="vcpuagent-bench")
@@ -182,6 +187,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, str], Summary]:
     return host, Summary(
         virt=args.virt,
         interval_s=args.interval,
+        libvirt_interval_s=args.libvirt_interval,
         phase_s=phase,
         duration_s=round(t1 - t0, 1),
         changes=verdict.changes,
@@ -211,7 +217,16 @@ def main() -> int:
         signal.signal(sig, _interrupt)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--virt", choices=("tcg", "kvm"), default="tcg")
-    parser.add_argument("--interval", type=float, default=0.25, help="agent sample interval, s")
+    shipped = SamplingSection()
+    parser.add_argument(
+        "--interval", type=float, default=shipped.interval, help="sampling.interval, s"
+    )
+    parser.add_argument(
+        "--libvirt-interval",
+        type=float,
+        default=shipped.libvirt_interval,
+        help="sampling.libvirt_interval, s (KVM guests are sampled at this pace)",
+    )
     parser.add_argument("--duration", type=float, default=120.0, help="measured window, s")
     parser.add_argument("--phase", type=float, default=None, help="busy = halted phase, s")
     parser.add_argument("--json", type=Path, default=None, help="also write the summary here")

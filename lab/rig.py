@@ -157,11 +157,14 @@ class AgentProcess:
         log_level: str = "info",
         libvirt_keys: Mapping[str, float] | None = None,
         mqtt: Mapping[str, object] | None = None,
+        sampling: Mapping[str, object] | None = None,
     ) -> AgentProcess:
         """The agent of a real-guest run: production timings but for ``interval``.
 
         ``mqtt`` overrides the ``[mqtt]`` section key by key, e.g. a cluster's
-        ``servers`` (which then replace host/port) and ``protocol = "3.1.1"``.
+        ``servers`` (which then replace host/port) and ``protocol = "3.1.1"``;
+        ``sampling`` likewise, e.g. the shipped ``libvirt_interval`` instead of
+        ``interval``.
         """
         doc = config_document(
             port=broker_port,
@@ -174,6 +177,7 @@ class AgentProcess:
             libvirt=dict(libvirt_keys or {}),
             log={"level": log_level},
             mqtt=dict(mqtt or {}),
+            sampling={"interval": interval, "libvirt_interval": interval, **(sampling or {})},
         )
         config = write_config(workdir / "agent.toml", doc)
         return cls(config, log_path=workdir / "agent.log", host_id=host_id)
