@@ -35,6 +35,7 @@ from lab.mosquitto import free_port
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 CLUSTER_NAME = "vcpu-lab"
+ACK_WAIT_S = 5.0  # nats-server's mqtt.ack_wait: redelivery of an unacknowledged QoS 1 message
 
 
 class NatsNode:
@@ -71,8 +72,12 @@ class NatsNode:
             f'http: "127.0.0.1:{self.http_port}"\n'
             f'jetstream {{ store_dir: "{self.workdir / "js"}" }}\n'
             # The MQTT streams (sessions, QoS 1 messages, retained messages) are
-            # replicated to all three nodes, so any one of them can die.
-            f'mqtt {{ listen: "127.0.0.1:{self.mqtt_port}", stream_replicas: 3 }}\n'
+            # replicated to all three nodes, so any one of them can die. A QoS 1
+            # message sent but not PUBACKed (its subscriber's node died, or the
+            # session moved) is sent again only after ack_wait (30 s by default),
+            # behind newer ones: ACK_WAIT_S bounds that (docs/scale.md).
+            f'mqtt {{ listen: "127.0.0.1:{self.mqtt_port}", stream_replicas: 3, '
+            f'ack_wait: "{ACK_WAIT_S:g}s" }}\n'
             f"cluster {{\n"
             f'  name: "{CLUSTER_NAME}"\n'
             f'  listen: "127.0.0.1:{self.cluster_port}"\n'

@@ -26,7 +26,7 @@ from agent.config import Config
 from agent.delivery import SeqKey
 from agent.ledger import Ledger
 from agent.payloads import Lifecycle, Transition
-from lab.nats import NatsCluster
+from lab.nats import ACK_WAIT_S, NatsCluster
 from tests.cluster.conftest import cluster_config
 from tests.cluster.test_cluster import Churn
 from tests.testdriver import RunningAgent, start_domain, with_cleanup
@@ -116,8 +116,10 @@ def test_a_durable_subscriber_whose_node_is_killed_fails_over_and_misses_nothing
             time.sleep(0.05)
         produced = {k: t.seq for k, t in service.outbox.chain().items() if k[0] == mine and t.seq}
         assert sum(produced.values()) > 10
-        # Everything the agent decided arrives, through another node.
-        deadline = time.monotonic() + 15
+        # Everything the agent decided arrives, through another node: a message
+        # the dead node had sent but not seen PUBACKed comes again after the
+        # cluster's mqtt.ack_wait (lab/nats.py), behind newer ones.
+        deadline = time.monotonic() + 15 + ACK_WAIT_S
         while True:
             got = consumer.seqs(mine)
             missing = {k: n for k, n in produced.items() if set(range(1, n + 1)) - set(got[k])}
@@ -128,13 +130,23 @@ def test_a_durable_subscriber_whose_node_is_killed_fails_over_and_misses_nothing
         assert sub.where != f"127.0.0.1:{cluster.mqtt_ports[doomed]}"
         with consumer.lock:
             events = list(consumer.events)
-        # The chain it reports: no gap, no broken chain, no new epoch, in order.
-        assert not [e for e in events if isinstance(e, SeqGap | ChainBroken | EpochChanged)]
+        # The chain it reports: no broken chain, no new epoch; every seq once.
+        # nats-server redelivers an unacknowledged message after newer ones
+        # (above): the library reports that as a gap, then delivers the message
+        # late. So every gap it reported was filled, and no other transition is
+        # out of order (lifecycle events have no gap tracking: complete, once).
+        print("subscriber counters:", sub.counters)  # shown with -rP: how often late
+        assert not [e for e in events if isinstance(e, ChainBroken | EpochChanged)]
+        gaps = [e for e in events if isinstance(e, SeqGap)]
+        filled = {((g.uuid, g.vcpu), s) for g in gaps for s in range(g.first, g.last + 1)}
+        assert sub.counters["late"] == len(filled) == sub.counters["missing"], sub.counters
         for key, seqs in consumer.seqs(mine).items():
-            assert seqs == list(range(1, produced[key] + 1)), (key, seqs)
+            assert sorted(seqs) == list(range(1, produced[key] + 1)), (key, seqs)
+            in_order = [s for s in seqs if (key, s) not in filled]
+            assert key[1] is None or in_order == sorted(in_order), (key, seqs, gaps)
         chains: dict[int, list[Transition]] = defaultdict(list)
-        for e in events:
-            if isinstance(e, Transition) and e.uuid == mine:
+        for e in sorted((e for e in events if isinstance(e, Transition)), key=lambda e: e.seq):
+            if e.uuid == mine:
                 chains[e.vcpu].append(e)
         for chain in chains.values():
             for before, after in itertools.pairwise(chain):
