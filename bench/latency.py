@@ -1,6 +1,6 @@
 """How fast and how exactly the agent sees each vCPU change, judged by the guest.
 
-    python bench/latency.py --virt tcg|kvm --interval 0.25 --duration 120
+    python bench/latency.py --virt tcg|kvm [--interval 0.25] [--libvirt-interval 1] --duration 120
 
 Runs one toggler guest (vCPU 0 alternates busy/halted and writes a marker to COM1
 at each phase start; vCPU 1 stays parked) under a real libvirtd, the real

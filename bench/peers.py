@@ -395,9 +395,12 @@ def print_table(rows: list[Row], head: str) -> None:
     if raw is not None:
         for r in rows:
             if r.tool != "raw":
+                mine, theirs = (r.own_ms + r.libvirtd_ms) * r.rate, raw.own_ms + raw.libvirtd_ms
                 print(
                     f"{r.tool}: own {r.own_ms / raw.own_ms:.2f}x the raw call's caller per "
-                    f"sample; own+libvirtd+QEMU per second {r.total_ms * r.rate:.2f} ms, "
+                    f"sample; own+libvirtd per second {mine:.2f} ms, {mine / theirs:.2f}x the "
+                    f"raw call's {theirs:.2f}; own+libvirtd+QEMU per second "
+                    f"{r.total_ms * r.rate:.2f} ms, "
                     f"{r.total_ms * r.rate / (raw.total_ms * raw.rate):.2f}x the raw call's; "
                     f"without QEMU's vCPU threads "
                     f"{(r.total_ms - r.vcpu_ms) * r.rate / (raw.total_ms - raw.vcpu_ms):.2f}x"
