@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import signal
 import socket
 import time
@@ -167,21 +168,24 @@ class Service:
         await self._connect_libvirt()
         sampling = self.cfg.sampling
         interval = sampling.interval
-        next_tick = next_libvirt = time.monotonic()
+        next_tick = time.monotonic()
+        last_libvirt = -math.inf
         while not self._stop.is_set():
             now = time.monotonic()
+            # The bulk call's pace follows what /proc serves now: a domain started or
+            # resumed since the last call (not on /proc yet) brings it back from
+            # every 5 s to every libvirt_interval at once.
+            every = sampling.libvirt_longest if self._all_fast() else sampling.libvirt_every
             # Half a tick of slack: a bulk call due at a tick is not put off to the
             # next one by the loop's jitter.
-            libvirt_at = next_libvirt - interval / 2
+            libvirt_at = last_libvirt + every - interval / 2
             # With nothing on /proc (a KVM host) a tick has nothing to read: the
             # loop sleeps until the bulk call is due.
             tick_at = next_tick if self._bases else max(next_tick, libvirt_at)
             if now >= tick_at:
                 if now >= libvirt_at:
+                    last_libvirt = now
                     await self._sample_all()
-                    next_libvirt = now + (
-                        sampling.libvirt_longest if self._all_fast() else sampling.libvirt_every
-                    )
                 else:
                     self._sample_fast(set(self._bases), whole=True)
                 next_tick += interval
