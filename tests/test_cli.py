@@ -19,24 +19,25 @@ from agent.cli import EX_CANTCREAT, EX_INTERRUPTED, EX_IOERR
 from agent.config import EX_CONFIG
 from agent.payloads import DomainStatePayload, VcpuStatePayload, decode
 from lab.mosquitto import Mosquitto
-from lab.rig import Feed
+from lab.rig import Feed, config_document
+from lab.rig import write_config as rig_write_config
 
 pytestmark = pytest.mark.mqtt
 AGENT = [sys.executable, "-m", "agent"]
 
 
 def write_config(tmp_path: Path, broker: Mosquitto, prefix: str) -> Path:
-    path = tmp_path / "config.toml"
-    path.write_text(
-        '[agent]\nhost_id = "clihost"\n'
-        '[libvirt]\nuri = "test:///default"\n'
-        "[sampling]\ninterval = 0.2\nlibvirt_interval = 0.2\n"
-        f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\ntopic_prefix = "{prefix}"\n'
-        'client_id = "cli-test"\n'
-        f'[spool]\npath = "{tmp_path / "spool.sqlite3"}"\n'
-        '[log]\nformat = "json"\nlevel = "info"\n'
+    doc = config_document(
+        port=broker.port,
+        prefix=prefix,
+        host_id="clihost",
+        uri="test:///default",
+        interval=0.2,
+        spool_path=tmp_path / "spool.sqlite3",
+        fast=False,
+        mqtt={"client_id": "cli-test"},
     )
-    return path
+    return rig_write_config(tmp_path / "config.toml", doc)
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from agent.client import Subscriber
 from agent.config import load
 from agent.payloads import Payload, VcpuStatePayload
 from lab.mosquitto import Mosquitto
+from lab.rig import config_document, write_config
 from tests.subscribers.test_watch import EXE
 
 SCHEMA_DIR = Path(__file__).parent.parent.parent / "docs" / "schema"
@@ -25,13 +26,11 @@ pytestmark = pytest.mark.mqtt
 
 @pytest.fixture
 def agent_config(bus: Mosquitto, prefix: str, tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "config.toml"
-    path.write_text(
-        '[agent]\nhost_id = "testhost"\n'
-        '[libvirt]\nuri = "test:///default"\n'
-        "[sampling]\ninterval = 0.2\nlibvirt_interval = 0.2\n"
-        f'[mqtt]\nhost = "127.0.0.1"\nport = {bus.port}\ntopic_prefix = "{prefix}"\n'
-        'reconnect_min = 0.1\nreconnect_max = 0.5\n[spool]\npath = ""\n[log]\nformat = "json"\n'
+    path = write_config(
+        tmp_path / "config.toml",
+        config_document(
+            port=bus.port, prefix=prefix, host_id="testhost", uri="test:///default", interval=0.2
+        ),
     )
     agent = subprocess.Popen(
         [str(EXE), "run", "--config", str(path)],
