@@ -174,7 +174,7 @@ class Service:
             now = time.monotonic()
             # The bulk call's pace follows what /proc serves now: a domain started or
             # resumed since the last call (not on /proc yet) brings it back from
-            # every 5 s to every libvirt_interval at once.
+            # every PROC_LIBVIRT_EVERY s to every libvirt_interval at once.
             every = sampling.libvirt_longest if self._all_fast() else sampling.libvirt_every
             # Half a tick of slack: a bulk call due at a tick is not put off to the
             # next one by the loop's jitter.

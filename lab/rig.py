@@ -177,7 +177,7 @@ class AgentProcess:
             libvirt=dict(libvirt_keys or {}),
             log={"level": log_level},
             mqtt=dict(mqtt or {}),
-            sampling={"interval": interval, "libvirt_interval": interval, **(sampling or {})},
+            sampling=dict(sampling or {}),
         )
         config = write_config(workdir / "agent.toml", doc)
         return cls(config, log_path=workdir / "agent.log", host_id=host_id)

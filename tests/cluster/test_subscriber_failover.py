@@ -135,7 +135,6 @@ def test_a_durable_subscriber_whose_node_is_killed_fails_over_and_misses_nothing
         # (above): the library reports that as a gap, then delivers the message
         # late. So every gap it reported was filled, and no other transition is
         # out of order (lifecycle events have no gap tracking: complete, once).
-        print("subscriber counters:", sub.counters)  # shown with -rP: how often late
         assert not [e for e in events if isinstance(e, ChainBroken | EpochChanged)]
         gaps = [e for e in events if isinstance(e, SeqGap)]
         filled = {((g.uuid, g.vcpu), s) for g in gaps for s in range(g.first, g.last + 1)}

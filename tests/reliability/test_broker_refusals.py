@@ -18,12 +18,14 @@ import uuid
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from structlog.testing import capture_logs
 
+from agent.delivery import MemoryOutbox
 from agent.payloads import Status, decode
+from agent.publisher import Publisher
 from lab.mosquitto import Mosquitto, free_port
 from lab.rig import AgentProcess, Feed
 from tests.reliability.fault_harness import AGENT, agent_config
@@ -92,6 +94,28 @@ def _secret(tmp: Path, text: str) -> Path:
     path.write_text(text + "\n")
     path.chmod(0o600)
     return path
+
+
+class _PasswordSetup(NamedTuple):
+    broker: Mosquitto
+    real: str  # the password the broker accepts
+    secret: Path  # the publisher's password file
+    pub: Publisher
+    outbox: MemoryOutbox
+
+
+def _password_publisher(
+    make_broker: Callable[..., Mosquitto], tmp: Path, prefix: str, *, right: bool
+) -> _PasswordSetup:
+    """A password-protected broker and a publisher whose password file holds the
+    right password or a wrong one."""
+    real = f"right-{uuid.uuid4().hex}"
+    broker = _password_broker(make_broker, tmp, real)
+    secret = _secret(tmp, real if right else "wrong")
+    pub, outbox = make_publisher(
+        broker.port, prefix, username="agent", password_file=str(secret), reconnect_min=0.1
+    )
+    return _PasswordSetup(broker, real, secret, pub, outbox)
 
 
 def _watch(agent: AgentProcess) -> None:
@@ -221,12 +245,7 @@ def test_a_refused_connection_then_a_fixed_password_connects_and_delivers_within
     prefix: str,
     make_broker: Callable[..., Mosquitto],
 ) -> None:
-    real = f"right-{uuid.uuid4().hex}"
-    broker = _password_broker(make_broker, tmp, real)
-    secret = _secret(tmp, "wrong")
-    pub, outbox = make_publisher(
-        broker.port, prefix, username="agent", password_file=str(secret), reconnect_min=0.1
-    )
+    _, real, secret, pub, outbox = _password_publisher(make_broker, tmp, prefix, right=False)
 
     async def scenario() -> list[MutableMapping[str, Any]]:
         pub.publish(event(prefix, 0, 1), None)
@@ -322,12 +341,7 @@ def test_a_password_file_that_goes_missing_while_running_is_a_failed_connect_not
     prefix: str,
     make_broker: Callable[..., Mosquitto],
 ) -> None:
-    real = f"right-{uuid.uuid4().hex}"
-    broker = _password_broker(make_broker, tmp, real)
-    secret = _secret(tmp, real)
-    pub, outbox = make_publisher(
-        broker.port, prefix, username="agent", password_file=str(secret), reconnect_min=0.1
-    )
+    broker, real, secret, pub, outbox = _password_publisher(make_broker, tmp, prefix, right=True)
 
     async def scenario() -> list[MutableMapping[str, Any]]:
         with capture_logs() as logs:
