@@ -95,9 +95,12 @@ def test_a_libvirtd_crash_and_restart_loses_no_transition_and_invents_none(
         # a change in between was seen live (not a resync).
         back_at = datetime.fromisoformat(str(reconnected["timestamp"])).timestamp()
         seen_markers = len(guest.truth.markers())
-        guest.truth.wait_for(seen_markers + 3, timeout_s=60)
+        guest.truth.wait_for(seen_markers + 4, timeout_s=60)
         time.sleep(1.0)
-        end = time.time() - 0.5
+        # The last marker closes the record: every change judged before it had a
+        # whole phase to be seen (a cut at "now - 0.5 s" could fall just after a
+        # change, before any sample could see it).
+        end = guest.truth.markers()[-1].t_wall
     finally:
         rc = agent.stop()
         feed.close()
@@ -161,7 +164,7 @@ def test_a_frozen_guest_does_not_delay_another_guests_transitions(
         n = len(frozen.truth.markers())
         frozen.truth.wait_for(n + 3, timeout_s=60)
         time.sleep(1.0)
-        end = time.time() - 0.5
+        end = watched.truth.markers()[-1].t_wall  # closes the record, as above
     finally:
         rc = agent.stop()
         feed.close()
