@@ -306,11 +306,12 @@ def observe(
         return _track(record, domain, dt=dt, share=share, view=view, since=domain.t_wall, kvm=kvm)
 
     state = _decide(prev.view, ev, th)
-    decided = VcpuView(state, ev.source, ev.share)
     if prev.view is not None and prev.view.state is state:
         # Same state: keep the deciding view unless the source changed, no streak.
         if prev.view.source is ev.source and prev.pending is None:
             decided = prev.view
+        else:
+            decided = VcpuView(state, ev.source, ev.share)
         suspect = ev.share is not None and not ev.immediate and _suspect(prev, ev.share, state, th)
         return _track(
             record,
@@ -323,6 +324,7 @@ def observe(
             kvm=kvm,
         )
 
+    decided = VcpuView(state, ev.source, ev.share)
     needed = 1 if ev.immediate else th.min_samples
     if state is VcpuState.UNKNOWN:
         needed = th.unknown_after

@@ -18,6 +18,8 @@ Finding the threads (docs/platform.md, "The schedstat source"):
 - the vCPU threads by name in ``/proc/<pid>/task/*/comm``. Single-threaded TCG
   runs every vCPU in one thread, ``ALL CPUs/TCG``: no per-vCPU counters there, so
   such a domain stays with libvirt;
+- a new vCPU thread (a hot-plug) is looked for at every read, by the link
+  count of ``/proc/<pid>/task`` (one fstat): the domain then goes back to libvirt;
 - each thread's schedstat file is opened once and re-read with ``pread`` at
   offset 0. An open /proc file is bound to that very task: a thread that exits
   (unplug, QEMU stopped) makes the read fail with ESRCH, and a recycled pid or tid
@@ -34,7 +36,7 @@ import itertools
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from agent.model import DomainRecord, RecordOrigin, VcpuRecord, VcpuRunState
@@ -56,8 +58,10 @@ class _Threads:
     pid: int
     fds: dict[int, int]  # vCPU number -> fd of its thread's schedstat
     task: str = ""  # /proc/<pid>/task
-    # st_nlink of /proc/<pid>/task is 2 + the number of threads: one stat per read
-    # tells whether a thread came or went (a hot-plugged vCPU starts a thread).
+    # st_nlink of /proc/<pid>/task is 2 + the number of threads, computed when asked:
+    # one fstat of the open directory per read tells whether a thread came or went
+    # (a hot-plugged vCPU starts a thread). fstat, not stat: no path walk.
+    task_fd: int = -1
     nlink: int = 0
     known: frozenset[str] = frozenset()  # the tids seen when nlink was taken
 
@@ -65,6 +69,9 @@ class _Threads:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
+        if self.task_fd >= 0:
+            os.close(self.task_fd)
+            self.task_fd = -1
 
 
 def parse_schedstat(raw: bytes) -> tuple[int, int]:
@@ -167,13 +174,19 @@ class SchedstatSource:
             # next libvirt sample attaches again or says why not.
             self.forget(base.uuid)
             return None
-        return replace(
-            base,
-            origin=RecordOrigin.SCHEDSTAT,
-            vcpus=tuple(vcpus),
-            t_mono=t_mono,
-            t_wall=t_wall,
-            took=0.0,
+        # Positional: dataclasses.replace cost as much as reading every counter.
+        return DomainRecord(
+            base.name,
+            base.uuid,
+            base.state,
+            base.reason,
+            RecordOrigin.SCHEDSTAT,
+            base.vcpu_current,
+            base.vcpu_maximum,
+            tuple(vcpus),
+            t_mono,
+            t_wall,
+            0.0,
         )
 
     def forget(self, uuid: str) -> None:
@@ -222,7 +235,11 @@ class SchedstatSource:
             raise UnavailableError(f"{base}: {err}") from err
         threads = _Threads(pid, {}, str(base / "task"))
         try:
-            threads.nlink = os.stat(threads.task).st_nlink
+            try:
+                threads.task_fd = os.open(threads.task, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                threads.nlink = os.fstat(threads.task_fd).st_nlink
+            except OSError as err:  # QEMU exited since the listing
+                raise UnavailableError(f"{threads.task}: {err}") from err
             threads.known = frozenset(tids)
             self._open_vcpus(base, tids, wanted, threads.fds, kvm=self.kvm)
             self._same_process(pid, start)
@@ -235,7 +252,7 @@ class SchedstatSource:
     def _new_vcpu_thread(threads: _Threads) -> bool:
         """Whether a vCPU thread not served yet has appeared since the last look."""
         try:
-            nlink = os.stat(threads.task).st_nlink
+            nlink = os.fstat(threads.task_fd).st_nlink
             if nlink == threads.nlink:
                 return False
             tids = frozenset(os.listdir(threads.task))

@@ -1,4 +1,7 @@
-"""When to re-sample single domains between regular samples (pure).
+"""When to sample: the regular ticks and bulk calls, and re-samples between them (pure).
+
+``Ticks`` is the clock of regular samples (below). ``Resamples`` says when to
+look again at single domains between them.
 
 Two reasons to look again before the next tick (docs/design.md, "Latency"):
 
@@ -15,7 +18,9 @@ the bulk call did not; docs/reliability.md, "libvirt faults").
 
 from __future__ import annotations
 
+import enum
 import heapq
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -51,3 +56,49 @@ class Resamples:
     def next_at(self) -> float | None:
         """When the earliest re-sample is due (monotonic), if any."""
         return self._heap[0][0] if self._heap else None
+
+
+class Due(enum.Enum):
+    """What a regular sample is, when one is due."""
+
+    BULK = "bulk"  # the libvirt bulk call (it reads /proc for the domains /proc serves)
+    FAST = "fast"  # /proc only, for the domains it serves
+
+
+@dataclass(slots=True)
+class Ticks:
+    """The regular samples' clock: every ``interval`` a tick, some of them bulk calls.
+
+    A tick reads /proc for the domains it serves; the bulk call takes a tick's
+    place every ``every`` seconds (the caller's pace: ``libvirt_interval`` while a
+    running domain is not on /proc, longer while /proc serves them all). With
+    nothing on /proc a tick has nothing to read, so the clock waits for the bulk
+    call. A late tick is not made up for: the clock never bursts to catch up.
+    """
+
+    interval: float
+    start: float  # monotonic time of the first tick
+    _next: float = 0.0
+    _last_bulk: float = -math.inf
+
+    def __post_init__(self) -> None:
+        self._next = self.start
+
+    def due(self, now: float, *, fast: bool, every: float) -> Due | float:
+        """What is due at ``now``, or (nothing due) the monotonic time to look again.
+
+        ``fast``: /proc serves some domain; ``every``: the bulk call's period now.
+        """
+        # Half a tick of slack: a bulk call due at a tick is not put off to the next
+        # one by the clock's jitter.
+        bulk_at = self._last_bulk + every - self.interval / 2
+        at = self._next if fast else max(self._next, bulk_at)
+        if now < at:
+            return at
+        self._next += self.interval
+        if self._next < now:
+            self._next = now + self.interval
+        if now >= bulk_at:
+            self._last_bulk = now
+            return Due.BULK
+        return Due.FAST

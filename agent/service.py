@@ -29,11 +29,13 @@ hung libvirt stops the pings and systemd restarts us.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
-import math
 import signal
 import socket
+import threading
 import time
+from typing import Any
 
 from agent import __version__, logs
 from agent.config import Config
@@ -53,6 +55,7 @@ from agent.source import (
     SourceTimeoutError,
 )
 from agent.spool import SqliteSpool
+from agent.ticker import Pace, Ticker
 from agent.topics import Topics
 from agent.transitions import Change, HostState, advance, rebaseline, retire
 
@@ -92,14 +95,33 @@ class Service:
             read_only=cfg.libvirt.read_only,
             call_timeout=cfg.libvirt.call_timeout,
             keepalive=(cfg.libvirt.keepalive_interval, cfg.libvirt.keepalive_count),
-            on_event=self._events.put_nowait,
+            on_event=self._on_source_event,
         )
         self.fast = SchedstatSource()
+        # The ticker thread reads /proc and decides; the loop samples libvirt, handles
+        # events and publishes. This lock guards what both touch: the host state,
+        # the /proc source and its bases, and ``_decided``, the ticker's decisions
+        # in the order they were made. The loop publishes only under it, after
+        # what the ticker decided before: changes reach the outbox in decision order.
+        self._lock = threading.Lock()
+        self._decided: collections.deque[tuple[list[Change], frozenset[str]]] = collections.deque()
+        self._ticker = Ticker(
+            interval=cfg.sampling.interval,
+            pace=self._pace,
+            on_fast=self._tick,
+            on_bulk=self._bulk_is_due,
+            on_error=self._ticker_failed,
+        )
+        self._paced = Pace(fast=False, every=0.0)  # what the ticker was told last
+        self._bulk_due = False
+        self._wake = asyncio.Event()  # the loop has something to do
         # The last libvirt record of each domain the fast path serves: its structure
         # (domain state, online vCPUs) for records built from /proc between calls.
         self._bases: dict[str, DomainRecord] = {}
         self._proc_said: dict[str, str] = {}  # UUID -> last logged reason ("" = served)
         self._stop = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop
+        self._ticker_error: asyncio.Future[None]
         self.resamples = Resamples(
             followup=cfg.sampling.event_followup, confirm_after=cfg.sampling.confirm_after
         )
@@ -121,7 +143,8 @@ class Service:
         ``handle_signals=False`` is for embedding (tests run the service on a
         thread, where asyncio cannot install signal handlers).
         """
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
+        self._ticker_error = loop.create_future()
         signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
         for sig in signals:
             loop.add_signal_handler(sig, self.request_stop)
@@ -139,8 +162,10 @@ class Service:
         stop = asyncio.create_task(self._stop.wait(), name="stop")
         ready = asyncio.create_task(self._ready_when_connected(), name="ready")
         try:
-            await asyncio.wait({main, stop, mqtt_task}, return_when=asyncio.FIRST_COMPLETED)
-            for task in (main, mqtt_task):
+            # The ticker thread's error ends the agent like a failed task.
+            waits: set[asyncio.Future[Any]] = {main, stop, mqtt_task, self._ticker_error}
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for task in (main, mqtt_task, self._ticker_error):
                 if task.done() and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
         finally:
@@ -149,6 +174,9 @@ class Service:
             main.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await main
+            self._ticker.stop()
+            with self._lock:
+                self._publish_decided()
             await self.source.close()
             self.source.shutdown()
             self.fast.close()
@@ -166,46 +194,102 @@ class Service:
 
     async def _main(self) -> None:
         await self._connect_libvirt()
-        sampling = self.cfg.sampling
-        interval = sampling.interval
-        next_tick = time.monotonic()
-        last_libvirt = -math.inf
+        self._ticker.start()
         while not self._stop.is_set():
-            now = time.monotonic()
-            # The bulk call's pace follows what /proc serves now: a domain started or
-            # resumed since the last call (not on /proc yet) brings it back from
-            # every PROC_LIBVIRT_EVERY s to every libvirt_interval at once.
-            every = sampling.libvirt_longest if self._all_fast() else sampling.libvirt_every
-            # Half a tick of slack: a bulk call due at a tick is not put off to the
-            # next one by the loop's jitter.
-            libvirt_at = last_libvirt + every - interval / 2
-            # With nothing on /proc (a KVM host) a tick has nothing to read: the
-            # loop sleeps until the bulk call is due.
-            tick_at = next_tick if self._bases else max(next_tick, libvirt_at)
-            if now >= tick_at:
-                if now >= libvirt_at:
-                    last_libvirt = now
-                    await self._sample_all()
-                else:
-                    self._sample_fast(set(self._bases), whole=True)
-                next_tick += interval
-                if next_tick < time.monotonic():  # fell behind: do not burst to catch up
-                    next_tick = time.monotonic() + interval
+            if self._bulk_due:
+                self._bulk_due = False
+                await self._sample_all()
                 continue
+            now = time.monotonic()
             due = self.resamples.take(now, stalled=self.source.stalled)
             if due:
-                fast = self._sample_fast(due & self._bases.keys(), whole=False)
+                with self._lock:
+                    fast = self._sample_fast(due & self._bases.keys(), whole=False)
                 if due - fast:
                     await self._sample_some(due - fast)
                 continue
-            resample_at = self.resamples.next_at()
-            wake = tick_at if resample_at is None else min(tick_at, resample_at)
-            try:
-                async with asyncio.timeout(max(0.0, wake - now)):
-                    event = await self._events.get()
-            except TimeoutError:
+            if not self._events.empty():
+                await self._handle(self._events.get_nowait())
                 continue
-            await self._handle(event)
+            self._wake.clear()
+            resample_at = self.resamples.next_at()
+            if resample_at is None:
+                await self._wake.wait()
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, resample_at - now)):
+                    await self._wake.wait()
+
+    # -- the ticker thread -------------------------------------------------------------
+
+    def _pace(self) -> Pace:
+        """For the ticker: whether /proc serves some domain, and the bulk call's
+        period now. It follows what /proc serves at each tick: a domain started or
+        resumed since the last call (not on /proc yet) brings the call back from
+        every PROC_LIBVIRT_EVERY s to every libvirt_interval at once."""
+        with self._lock:
+            self._paced = self._pace_now()
+            return self._paced
+
+    def _pace_now(self) -> Pace:
+        """Under the lock."""
+        sampling = self.cfg.sampling
+        every = sampling.libvirt_longest if self._all_fast() else sampling.libvirt_every
+        return Pace(bool(self._bases), every)
+
+    def _repace(self) -> None:
+        """After the loop changed what /proc serves: the ticker, which may be asleep
+        until a bulk call 5 s away, looks at its pace again if that changed."""
+        with self._lock:
+            changed = self._pace_now() != self._paced
+        if changed:
+            self._ticker.nudge()
+
+    def _tick(self) -> None:
+        """A /proc tick, on the ticker thread. What it decides goes to the loop,
+        which publishes it: the loop is woken only when something was decided."""
+        with self._lock:
+            if not self._bases:
+                return
+            records = self._read_fast(set(self._bases))
+            if not records:
+                return
+            changes, suspects = self._decide(records, complete=False, whole=True)
+            if not changes and not suspects:
+                return
+            self._decided.append((changes, suspects))
+        self._loop.call_soon_threadsafe(self._take_decided)
+
+    def _bulk_is_due(self) -> None:
+        """On the ticker thread: the bulk call takes this tick's place."""
+        self._loop.call_soon_threadsafe(self._request_bulk)
+
+    def _request_bulk(self) -> None:
+        self._bulk_due = True
+        self._wake.set()
+
+    def _ticker_failed(self, err: BaseException) -> None:
+        """On the ticker thread, which is ending: the agent stops with ``err``."""
+        self._loop.call_soon_threadsafe(self._ticker_error.set_exception, err)
+
+    def _on_source_event(self, event: SourceEvent) -> None:
+        self._events.put_nowait(event)
+        self._wake.set()
+
+    def _take_decided(self) -> None:
+        """On the loop: publish what the ticker decided (under the lock, so nothing
+        decided later is published before it) and schedule its re-samples."""
+        with self._lock:
+            self._publish_decided()
+        self._wake.set()
+
+    def _publish_decided(self) -> None:
+        """Publish the ticker's decisions, oldest first. Under ``self._lock``."""
+        while self._decided:
+            changes, suspects = self._decided.popleft()
+            self._publish(changes)
+            if suspects:
+                self.resamples.suspects(suspects, time.monotonic())
 
     # -- libvirt ---------------------------------------------------------------------
 
@@ -228,11 +312,16 @@ class Service:
 
     async def _reconnect(self, reason: str) -> None:
         log.warning("libvirt.disconnected", uri=self.cfg.libvirt.uri, reason=reason)
+        with self._lock:
+            # The ticker pauses too: the decisions after the outage are all resyncs.
+            self._bases.clear()
+        self._repace()
         await self.source.close()
         await self._connect_libvirt()
         # Counters from before the outage are not a baseline for ratios: take a fresh
         # one, and mark what the next decisions find as observed after a resync.
-        self.host = rebaseline(self.host)
+        with self._lock:
+            self.host = rebaseline(self.host)
         log.info("libvirt.reconnected", uri=self.cfg.libvirt.uri)
 
     async def _handle(self, event: SourceEvent) -> None:
@@ -243,8 +332,9 @@ class Service:
         self._on_lifecycle(event)
 
     def _on_lifecycle(self, event: LifecycleEvent) -> None:
-        if not self._fits(event.uuid, event.name):
-            return
+        with self._lock:
+            if not self._fits(event.uuid, event.name):
+                return
         log.info(
             "domain.lifecycle",
             domain=event.name,
@@ -252,11 +342,14 @@ class Service:
             lifecycle=event.event,
             detail=event.detail,
         )
-        out = self.renderer.lifecycle(event)
-        self.publisher.publish(out.message, out.told)
-        # Its state changed: /proc cannot tell a paused vCPU from a halted one, so
-        # the domain waits for libvirt's look before the fast path serves it again.
-        self._bases.pop(event.uuid, None)
+        with self._lock:
+            self._publish_decided()
+            out = self.renderer.lifecycle(event)
+            self.publisher.publish(out.message, out.told)
+            # Its state changed: /proc cannot tell a paused vCPU from a halted one,
+            # so the domain waits for libvirt's look before the fast path serves it.
+            self._bases.pop(event.uuid, None)
+        self._repace()
         self.resamples.lifecycle(event.uuid, time.monotonic())
 
     # -- samples ---------------------------------------------------------------------
@@ -279,12 +372,14 @@ class Service:
             return
         for fault in (self._busy, self._stalled, self._failed):
             fault.clear()
-        self.fast.retain(r.uuid for r in records)
-        for uuid in self._proc_said.keys() - {r.uuid for r in records}:
-            del self._proc_said[uuid]
-        for uuid in [u for u in self._bases if u not in self.fast]:
-            del self._bases[uuid]
-        self._apply(self._from_proc(records), complete=True)
+        with self._lock:
+            self.fast.retain(r.uuid for r in records)
+            for uuid in self._proc_said.keys() - {r.uuid for r in records}:
+                del self._proc_said[uuid]
+            for uuid in [u for u in self._bases if u not in self.fast]:
+                del self._bases[uuid]
+            self._apply(self._from_proc(records), complete=True)
+        self._repace()
         self.samples += 1
         self._after_sample()
 
@@ -294,10 +389,12 @@ class Service:
         except SourceError as err:
             self._failed.hit(reason=str(err), domains=len(uuids))
             return
-        self._apply(self._from_proc(records), complete=False)
-        for uuid in gone:
-            self.host, changes = retire(self.host, uuid)
-            self._publish(changes)
+        with self._lock:
+            self._apply(self._from_proc(records), complete=False)
+            for uuid in gone:
+                self.host, changes = retire(self.host, uuid)
+                self._publish(changes)
+        self._repace()
 
     def _from_proc(self, records: list[DomainRecord]) -> list[DomainRecord]:
         """libvirt's records, with the counters of every domain /proc serves read
@@ -333,33 +430,51 @@ class Service:
             not d.state.vcpus_active or u in self._bases for u, d in self.host.domains.items()
         )
 
-    def _sample_fast(self, uuids: set[str], *, whole: bool) -> set[str]:
-        """Read these domains' counters from /proc; return the ones it served.
-
-        ``whole``: a regular tick (counts toward min_samples), not a re-sample."""
-        if not uuids:
-            return set()
+    def _read_fast(self, uuids: set[str]) -> list[DomainRecord]:
+        """These domains' records with counters read from /proc now; a domain whose
+        thread is gone leaves the fast path (libvirt looks at it next). Under the lock."""
         t_mono, t_wall = time.monotonic(), time.time()
         records = []
         for uuid in uuids:
             base = self._bases.get(uuid)
             record = None if base is None else self.fast.read(base, t_mono, t_wall)
             if record is None:
-                self._bases.pop(uuid, None)  # a thread is gone: libvirt looks next tick
+                self._bases.pop(uuid, None)
             else:
                 records.append(record)
+        return records
+
+    def _sample_fast(self, uuids: set[str], *, whole: bool) -> set[str]:
+        """Read these domains' counters from /proc and publish what that decides;
+        return the ones it served. Under the lock.
+
+        ``whole``: a regular tick (counts toward min_samples), not a re-sample."""
+        if not uuids:
+            return set()
+        records = self._read_fast(uuids)
         if records:
             self._apply(records, complete=False, whole=whole)
         return {r.uuid for r in records}
 
+    def _decide(
+        self, records: list[DomainRecord], *, complete: bool, whole: bool | None
+    ) -> tuple[list[Change], frozenset[str]]:
+        """Fold records into the host state: the changes, and the suspect domains.
+        Under the lock."""
+        records = [r for r in records if self._fits(r.uuid, r.name)]
+        self.host, changes = advance(self.host, records, self.th, complete=complete, whole=whole)
+        return changes, self.host.suspects
+
     def _apply(
         self, records: list[DomainRecord], *, complete: bool, whole: bool | None = None
     ) -> None:
-        records = [r for r in records if self._fits(r.uuid, r.name)]
-        self.host, changes = advance(self.host, records, self.th, complete=complete, whole=whole)
+        """Decide and publish, after what the ticker decided before. On the loop,
+        under the lock."""
+        self._publish_decided()
+        changes, suspects = self._decide(records, complete=complete, whole=whole)
         self._publish(changes)
-        if self.host.suspects:
-            self.resamples.suspects(self.host.suspects, time.monotonic())
+        if suspects:
+            self.resamples.suspects(suspects, time.monotonic())
 
     def _fits(self, uuid: str, name: str) -> bool:
         """Whether a domain's name fits in a topic; one that does not is skipped,

@@ -16,7 +16,8 @@ alone, one after another, each for a warm-up and a measured ``--window``:
   every 5 s otherwise, read-only socket) against a lab mosquitto;
 - ``agent-1s``: the same at ``sampling.interval = 1`` (the raw call's rate: the
   per-sample comparison with ``raw``);
-- ``agent-before``: the 1 s agent with an older ``agent`` package (``--before``);
+- ``agent-before``: the shipped defaults with an older ``agent`` package
+  (``--before``): the same config, an older code, in the same run;
 
 The raw loop and the agents run as ``--user`` (default ``nobody``, as the unit
 runs the agent: a DynamicUser), with the Python of ``--agent``'s venv; the
@@ -245,7 +246,7 @@ def make_tools(args: argparse.Namespace, workdir: Path, broker_port: int) -> dic
     for name, extra, interval in (
         ("agent", "", SamplingSection().interval),
         ("agent-1s", "interval = 1.0\n", 1.0),
-        ("agent-before", "interval = 1.0\n", 1.0),
+        ("agent-before", "", SamplingSection().interval),
     ):
         adir = workdir / name
         adir.mkdir()

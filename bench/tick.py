@@ -11,8 +11,10 @@ in this one thread (``time.thread_time``, CPU not wall):
   ticks other processes (here the guests' QEMU) evict the interpreter's code
   and data from the CPU caches, so a tick spaced like the agent's costs more
   than a hot loop says;
-- one timed wake-up of an asyncio loop (the agent's: ``asyncio.timeout`` over
-  a queue) and of a blocking ``time.sleep`` (the raw loop's), 0.25 s apart;
+- one timed wake-up, 0.25 s apart: of an asyncio loop (``asyncio.timeout``
+  over a queue: the agent's tick before agent/ticker.py), of the agent's ticker
+  thread (``agent.ticker.Ticker``: poll(2) on a pipe, the schedule, the pace),
+  and of a blocking ``time.sleep`` (the raw loop's);
 - the raw bulk call's caller CPU and parsing its result into records.
 
 Nothing is published; this is the floor under ``bench/peers.py``'s agent rows.
@@ -22,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +41,7 @@ from agent.config import SamplingSection
 from agent.model import DomainRecord
 from agent.records import domain_record
 from agent.schedstat import SchedstatSource
+from agent.ticker import Pace, Ticker
 from agent.transitions import HostState, advance
 from lab.domains import GuestPool, GuestSpec
 from lab.guest import build_toggler_image
@@ -58,8 +63,34 @@ def cpu_us(fn: Callable[[], object], rounds: int, gap: float) -> float:
     return statistics.median(spent) * 1e6
 
 
+def ticker_wake_us(rounds: int, gap: float) -> float:
+    """CPU of the ticker thread per tick, its callback doing nothing."""
+    stamps: list[float] = []
+    done = threading.Event()
+
+    def on_fast() -> None:
+        stamps.append(time.thread_time())
+        if len(stamps) > rounds:
+            done.set()
+
+    def on_error(err: BaseException) -> None:
+        raise SystemExit(f"ticker: {err!r}")
+
+    ticker = Ticker(
+        interval=gap,
+        pace=lambda: Pace(fast=True, every=1e9),  # ticks only (the first is a bulk one)
+        on_fast=on_fast,
+        on_bulk=lambda: None,
+        on_error=on_error,
+    )
+    ticker.start()
+    done.wait()
+    ticker.stop()
+    return statistics.median(b - a for a, b in itertools.pairwise(stamps)) * 1e6
+
+
 def wake_us(rounds: int, gap: float) -> tuple[float, float]:
-    """CPU per timed wake-up: the agent's asyncio wait, a blocking sleep."""
+    """CPU per timed wake-up: an asyncio wait, a blocking sleep."""
 
     async def waits() -> float:
         queue: asyncio.Queue[object] = asyncio.Queue()
@@ -129,6 +160,8 @@ def main() -> int:
                 print(f"{'/proc tick, ' + label:<44} {cpu_us(tick, args.rounds, gap):>8.1f}")
             asleep, blocked = wake_us(args.rounds, 0.25)
             print(f"{'asyncio timed wake-up (0.25 s)':<44} {asleep:>8.1f}")
+            ticker = ticker_wake_us(args.rounds, 0.25)
+            print(f"{'the ticker thread, per tick (0.25 s)':<44} {ticker:>8.1f}")
             print(f"{'blocking time.sleep wake-up (0.25 s)':<44} {blocked:>8.1f}")
             call = cpu_us(lambda: ro.getAllDomainStats(FLAGS, NOWAIT), args.rounds, 1.0)
             print(f"{'raw bulk call, caller CPU (1 s apart)':<44} {call:>8.1f}")

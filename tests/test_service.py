@@ -7,6 +7,7 @@ second, writable connection to the same driver.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import time
@@ -19,6 +20,8 @@ from structlog.testing import capture_logs
 
 from agent.config import Config
 from agent.payloads import Lifecycle, Status, Transition, VcpuStatePayload, decode
+from agent.service import Service
+from agent.ticker import Pace
 from agent.topics import Topics, parse_topic
 from lab.mosquitto import Mosquitto
 from lab.rig import Arrival, Feed, retained, wait_until
@@ -93,6 +96,25 @@ def test_a_domain_proc_does_not_serve_is_sampled_every_libvirt_interval_not_ever
     first, began = agent.service.samples, time.monotonic()
     wait_until(lambda: agent.service.samples >= first + 3, 15, "three more bulk calls")
     assert time.monotonic() - began >= 1.0
+
+
+def test_an_error_on_the_ticker_thread_stops_the_agent_with_it(
+    broker: Mosquitto, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The ticker runs the regular samples on a thread of its own: if it died
+    # quietly, the agent would sample no more while looking alive.
+    def broken(service: Service) -> Pace:
+        raise RuntimeError("the ticker broke")
+
+    monkeypatch.setattr(Service, "_pace", broken)
+    service = Service(agent_config(broker, prefix))
+
+    async def run() -> int:
+        async with asyncio.timeout(30):
+            return await service.run(handle_signals=False)
+
+    with pytest.raises(RuntimeError, match="the ticker broke"):
+        asyncio.run(run())
 
 
 def test_a_running_domain_publishes_retained_state_for_every_vcpu(
