@@ -313,15 +313,22 @@ def observe(
         else:
             decided = VcpuView(state, ev.source, ev.share)
         suspect = ev.share is not None and not ev.immediate and _suspect(prev, ev.share, state, th)
-        return _track(
+        # The steady state of every quiet vCPU at every tick: built positionally.
+        return VcpuTrack(
+            decided,
+            prev.since,
             record,
-            domain,
-            dt=dt,
-            share=share,
-            view=decided,
-            since=prev.since,
-            suspect=suspect,
-            kvm=kvm,
+            domain.t_mono,
+            domain.t_wall,
+            domain.state.vcpus_active,
+            dt,
+            share,
+            None,
+            0.0,
+            0,
+            suspect,
+            kvm,
+            False,
         )
 
     decided = VcpuView(state, ev.source, ev.share)

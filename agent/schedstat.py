@@ -18,8 +18,9 @@ Finding the threads (docs/platform.md, "The schedstat source"):
 - the vCPU threads by name in ``/proc/<pid>/task/*/comm``. Single-threaded TCG
   runs every vCPU in one thread, ``ALL CPUs/TCG``: no per-vCPU counters there, so
   such a domain stays with libvirt;
-- a new vCPU thread (a hot-plug) is looked for at every read, by the link
-  count of ``/proc/<pid>/task`` (one fstat): the domain then goes back to libvirt;
+- a new vCPU thread (a hot-plug) is looked for at every read of a domain below
+  its ``vcpu.maximum``, by the link count of ``/proc/<pid>/task`` (one fstat):
+  the domain then goes back to libvirt;
 - each thread's schedstat file is opened once and re-read with ``pread`` at
   offset 0. An open /proc file is bound to that very task: a thread that exits
   (unplug, QEMU stopped) makes the read fail with ESRCH, and a recycled pid or tid
@@ -116,7 +117,7 @@ class SchedstatSource:
         """Make sure ``record``'s domain is served; False (reason in ``refused``) if not.
 
         Only a running domain whose every online vCPU has a thread of its own is
-        served. Cheap when nothing changed: one pid-file read.
+        served. Cheap when nothing changed: no file is read.
         """
         uuid = record.uuid
         if not record.state.vcpus_active or record.vcpu_current is None:
@@ -128,20 +129,22 @@ class SchedstatSource:
             return False
         wanted = {v.vcpu for v in record.vcpus[: record.vcpu_current]}
         wanted -= {v.vcpu for v in record.vcpus if v.state == VcpuRunState.OFFLINE}
+        have = self._domains.get(uuid)
+        if have is not None and wanted <= have.fds.keys():
+            # Served already, every wanted vCPU's file open: those files are bound to
+            # that very process (a read fails once it exits, and the domain is
+            # forgotten), so its pid file need not be read again.
+            return True
         try:
             pid = self._pid(record.name)
             if self._refused_key.get(uuid) == (pid, frozenset(wanted)):
                 return False
-            have = self._domains.get(uuid)
-            if have is not None and (have.pid != pid or not wanted <= have.fds.keys()):
-                self.forget(uuid)
-                have = None
-            if have is None:
-                try:
-                    self._domains[uuid] = self._open(pid, uuid, wanted)
-                except UnavailableError:
-                    self._refused_key[uuid] = (pid, frozenset(wanted))
-                    raise
+            self.forget(uuid)  # a vCPU was plugged: open them all again
+            try:
+                self._domains[uuid] = self._open(pid, uuid, wanted)
+            except UnavailableError:
+                self._refused_key[uuid] = (pid, frozenset(wanted))
+                raise
         except UnavailableError as err:
             self._refuse(uuid, str(err))
             return False
@@ -154,9 +157,11 @@ class SchedstatSource:
         threads = self._domains.get(base.uuid)
         if threads is None:
             return None
-        if self._new_vcpu_thread(threads):
+        pluggable = base.vcpu_maximum is None or (base.vcpu_current or 0) < base.vcpu_maximum
+        if pluggable and self._new_vcpu_thread(threads):
             # Hot-plugged: libvirt has no event for it, but QEMU started a thread.
             # Hand the domain back to libvirt, which learns vcpu.current at once.
+            # (A domain at its vcpu.maximum has no vCPU to plug: no look, no fstat.)
             self.forget(base.uuid)
             return None
         fds = threads.fds
@@ -167,9 +172,10 @@ class SchedstatSource:
                 if fd is None:
                     vcpus.append(VcpuRecord(v.vcpu, v.state))
                     continue
-                run, wait = parse_schedstat(os.pread(fd, 96, 0))
-                vcpus.append(VcpuRecord(v.vcpu, v.state, run, None, None, wait))
-        except (OSError, ValueError):
+                # parse_schedstat, inlined: this loop is the tick's hot path.
+                run, wait = os.pread(fd, 96, 0).split()[:2]
+                vcpus.append(VcpuRecord(v.vcpu, v.state, int(run), None, None, int(wait)))
+        except (OSError, ValueError, IndexError):
             # ESRCH: the thread exited (unplug, QEMU gone). Drop the domain: the
             # next libvirt sample attaches again or says why not.
             self.forget(base.uuid)
@@ -214,9 +220,15 @@ class SchedstatSource:
         self.refused[uuid] = why
 
     def _pid(self, name: str) -> int:
-        path = self.run_dir / f"{name}.pid"
+        # Read on every libvirt sample of a domain /proc does not serve (to see a
+        # restarted QEMU): plain os calls, pathlib's cost as much as the read.
+        path = f"{self.run_dir}/{name}.pid"
         try:
-            return int(path.read_text().strip())
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                return int(os.read(fd, 32))
+            finally:
+                os.close(fd)
         except (OSError, ValueError) as err:
             raise UnavailableError(f"{path}: {err}") from err
 

@@ -92,18 +92,27 @@ class Ticker:
 
     def _loop(self) -> None:
         ticks = Ticks(self._interval, start=time.monotonic())
+        pace: Pace | None = None
         while not self._stopping:
-            fast, every = self._pace()
-            due = ticks.due(time.monotonic(), fast=fast, every=every)
+            # The pace is asked again after a sample or a nudge, the only times it
+            # can change; a sleep that ran its course keeps it.
+            if pace is None:
+                pace = self._pace()
+            due = ticks.due(time.monotonic(), fast=pace.fast, every=pace.every)
             if due is Due.FAST:
                 self._on_fast()
+                pace = None
             elif due is Due.BULK:
                 self._on_bulk()
-            else:
-                self._sleep_until(due)
+                pace = None
+            elif self._nudged_before(due):
+                pace = None
 
-    def _sleep_until(self, at: float) -> None:
+    def _nudged_before(self, at: float) -> bool:
+        """Sleep until ``at`` (monotonic); True if a nudge woke the thread first."""
         wait_ms = max(0, int((at - time.monotonic()) * 1000) + 1)
-        if self._poll.poll(wait_ms):
-            with contextlib.suppress(BlockingIOError):
-                os.read(self._rfd, 64)
+        if not self._poll.poll(wait_ms):
+            return False
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._rfd, 64)
+        return True

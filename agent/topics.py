@@ -34,6 +34,12 @@ class TopicError(ValueError):
     """A name cannot be made into a topic, or a topic is not one of ours."""
 
 
+@functools.lru_cache(maxsize=65536)  # asked for every domain of every sample
+def _fits(base: str, domain: str) -> bool:
+    longest = f"{base}/{encode_level(domain)}/vcpu/99999/transition"
+    return len(longest.encode()) <= MAX_TOPIC_BYTES
+
+
 @functools.lru_cache(maxsize=65536)  # a host has few names; each is encoded per message
 def encode_level(name: str) -> str:
     """Encode any string into one safe, reversible topic level."""
@@ -102,8 +108,7 @@ class Topics:
     def fits(self, domain: str) -> bool:
         """Whether every topic of this domain fits MQTT's limit (its longest is a
         ``transition`` topic; vCPU indices stay below 10^5, records.MAX_VCPUS)."""
-        longest = f"{self.base}/{encode_level(domain)}/vcpu/99999/transition"
-        return len(longest.encode()) <= MAX_TOPIC_BYTES
+        return _fits(self.base, domain)
 
     def domain_state(self, domain: str) -> str:
         return self._checked(f"{self.base}/{encode_level(domain)}/state")

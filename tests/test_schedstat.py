@@ -263,6 +263,23 @@ def test_a_hot_plugged_vcpus_new_thread_hands_the_domain_back_to_libvirt_at_once
         q.stop()
 
 
+def test_a_domain_at_its_vcpu_maximum_is_not_looked_at_for_new_threads(
+    run_dir: Path, uuid: str
+) -> None:
+    # Nothing can be plugged into it, so a tick spares the fstat: a thread named
+    # like a vCPU (whatever QEMU starts) does not hand it back to libvirt.
+    q = FakeQemu(uuid, ["CPU 0/TCG", "CPU 1/TCG"])
+    try:
+        pidfile(run_dir, q.pid)
+        src = SchedstatSource(run_dir=run_dir)
+        base = record(uuid, current=2, maximum=2)
+        assert src.attach(base)
+        q.say("add CPU 2/TCG")
+        assert src.read(base, 1.0, 1.0) is not None
+    finally:
+        q.stop()
+
+
 def test_a_restarted_qemu_is_followed_to_its_new_pid(run_dir: Path, uuid: str) -> None:
     first = FakeQemu(uuid, ["CPU 0/TCG", "CPU 1/TCG"])
     pidfile(run_dir, first.pid)
