@@ -3,8 +3,8 @@
 A tick (every ``sampling.interval``, 0.25 s by default) reads a few /proc files
 and folds them into the host state: work that never blocks and, on a quiet host,
 decides nothing. On the asyncio loop every wake-up runs the loop's timer heap,
-selector and task machinery too, which measured more than the tick's own reads
-(bench/tick.py; docs/benchmarks.md, "Where the agent's own CPU per sample goes").
+selector and task machinery too, which measured about as much as the tick's
+reads (bench/tick.py; docs/benchmarks.md, "Where the agent's own CPU per sample goes").
 So the clock runs here: a plain thread that sleeps in ``poll(2)``, runs
 ``on_fast`` for a /proc tick, and calls ``on_bulk`` when the libvirt bulk call
 takes a tick's place (the caller hands that one to its loop). The loop wakes only
