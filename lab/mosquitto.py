@@ -93,6 +93,16 @@ class Mosquitto:
             proc.kill()
             proc.wait()
 
+    def subacks(self, client_id: str) -> int:
+        """How many subscriptions of ``client_id`` this broker has acknowledged, from
+        its log: a subscriber without a readiness line of its own is waited on by
+        this count, never by a sleep."""
+        try:
+            log = self.log_path.read_text(errors="replace")
+        except OSError:
+            return 0
+        return log.count(f": Sending SUBACK to {client_id}\n")
+
     def log_tail(self, lines: int = 20) -> str:
         try:
             return "\n".join(self.log_path.read_text().splitlines()[-lines:])

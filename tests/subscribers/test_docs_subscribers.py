@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from agent.client import default_client_id
 from lab.mosquitto import Mosquitto, free_port
+from lab.rig import wait_until
 from tests.subscribers.conftest import Wire
 from tests.subscribers.messages import FakeAgent, new_uuid
 from tests.subscribers.test_watch import EXE, config_file
@@ -215,9 +217,13 @@ def test_the_durable_example_counts_each_transition_once_across_a_sigkill(
     config = str(config_file(tmp_path, bus.port, prefix))
     ledger = str(tmp_path / "ledger.sqlite3")
 
+    client_id = default_client_id("halted-seconds", Path(config))
+
     def start() -> Lines:
+        # No readiness line in a 30-line example: the broker's SUBACK to it is one.
+        before = bus.subacks(client_id)
         children.append(Lines(example("halted_seconds.py", config, ledger), env=example_env()))
-        time.sleep(0.5)  # no readiness line in a 30-line example: let it subscribe
+        wait_until(lambda: bus.subacks(client_id) > before, 15, "the example subscribed")
         return children[-1]
 
     def halted_then_running() -> None:
