@@ -172,10 +172,9 @@ class SchedstatSource:
                 if fd is None:
                     vcpus.append(VcpuRecord(v.vcpu, v.state))
                     continue
-                # parse_schedstat, inlined: this loop is the tick's hot path.
-                run, wait = os.pread(fd, 96, 0).split()[:2]
-                vcpus.append(VcpuRecord(v.vcpu, v.state, int(run), None, None, int(wait)))
-        except (OSError, ValueError, IndexError):
+                run, wait = parse_schedstat(os.pread(fd, 96, 0))
+                vcpus.append(VcpuRecord(v.vcpu, v.state, run, None, None, wait))
+        except (OSError, ValueError):
             # ESRCH: the thread exited (unplug, QEMU gone). Drop the domain: the
             # next libvirt sample attaches again or says why not.
             self.forget(base.uuid)

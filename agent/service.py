@@ -204,7 +204,7 @@ class Service:
             due = self.resamples.take(now, stalled=self.source.stalled)
             if due:
                 with self._lock:
-                    fast = self._sample_fast(due & self._bases.keys(), whole=False)
+                    fast = self._resample_fast(due & self._bases.keys())
                 if due - fast:
                     await self._sample_some(due - fast)
                 continue
@@ -444,16 +444,14 @@ class Service:
                 records.append(record)
         return records
 
-    def _sample_fast(self, uuids: set[str], *, whole: bool) -> set[str]:
-        """Read these domains' counters from /proc and publish what that decides;
-        return the ones it served. Under the lock.
-
-        ``whole``: a regular tick (counts toward min_samples), not a re-sample."""
+    def _resample_fast(self, uuids: set[str]) -> set[str]:
+        """Re-sample these domains from /proc (between ticks: not a whole sample) and
+        publish what that decides; return the ones it served. Under the lock."""
         if not uuids:
             return set()
         records = self._read_fast(uuids)
         if records:
-            self._apply(records, complete=False, whole=whole)
+            self._apply(records, complete=False, whole=False)
         return {r.uuid for r in records}
 
     def _decide(
