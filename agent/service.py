@@ -35,7 +35,8 @@ import signal
 import socket
 import threading
 import time
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from agent import __version__, logs
 from agent.config import Config
@@ -60,6 +61,7 @@ from agent.topics import Topics
 from agent.transitions import Change, HostState, advance, rebaseline, retire
 
 log = logs.get("agent.service")
+T = TypeVar("T")
 
 STOP_TIMEOUT = 3.0  # seconds to flush the broker on SIGTERM (the unit allows 5 s)
 READY_MQTT_WAIT = 10.0  # how long READY waits for the broker before going ahead
@@ -354,24 +356,35 @@ class Service:
 
     # -- samples ---------------------------------------------------------------------
 
-    async def _sample_all(self) -> None:
+    async def _ask(self, call: Awaitable[T], **context: object) -> T | None:
+        """libvirt's answer to a sample call, or None once the fault is logged.
+
+        The bulk call and a re-sample meet the same faults the same way: a frozen
+        QEMU's monitor blocks whichever call reaches it first.
+        """
         try:
-            records = await self.source.sample()
+            answer = await call
         except SourceBusyError as err:
-            self._busy.hit(reason=str(err))
-            return
+            self._busy.hit(reason=str(err), **context)
+            return None
         except SourceTimeoutError as err:
             # Most likely one domain's QEMU monitor hangs: the next NOWAIT sample
             # (on the spare worker thread) skips its job and sees everyone else.
-            self._stalled.hit(reason=str(err))
-            return
+            self._stalled.hit(reason=str(err), **context)
+            return None
         except SourceError as err:
-            self._failed.hit(reason=str(err))
+            self._failed.hit(reason=str(err), **context)
             if not await self.source.alive():
                 await self._reconnect(str(err))
-            return
+            return None
         for fault in (self._busy, self._stalled, self._failed):
             fault.clear()
+        return answer
+
+    async def _sample_all(self) -> None:
+        records = await self._ask(self.source.sample())
+        if records is None:
+            return
         with self._lock:
             self.fast.retain(r.uuid for r in records)
             for uuid in self._proc_said.keys() - {r.uuid for r in records}:
@@ -384,11 +397,10 @@ class Service:
         self._after_sample()
 
     async def _sample_some(self, uuids: set[str]) -> None:
-        try:
-            records, gone = await self.source.sample_domains(uuids)
-        except SourceError as err:
-            self._failed.hit(reason=str(err), domains=len(uuids))
+        answer = await self._ask(self.source.sample_domains(uuids), domains=len(uuids))
+        if answer is None:
             return
+        records, gone = answer
         with self._lock:
             self._apply(self._from_proc(records), complete=False)
             for uuid in gone:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -115,6 +116,39 @@ def test_an_error_on_the_ticker_thread_stops_the_agent_with_it(
 
     with pytest.raises(RuntimeError, match="the ticker broke"):
         asyncio.run(run())
+
+
+def test_a_re_sample_libvirt_does_not_answer_is_a_stall_like_a_bulk_call(
+    broker: Mosquitto,
+    prefix: str,
+    domain: libvirt.virDomain,
+    run_agent: Callable[[Config], RunningAgent],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A frozen QEMU's monitor blocks whichever call reaches it first, a re-sample
+    # as often as the bulk call (CI saw it): either is a stall, not a failure. The
+    # stand-in hangs the re-sample's call (domainListGetStats) as that monitor would.
+    release = threading.Event()
+
+    def hung_monitor_stand_in(*_args: object) -> list[object]:
+        release.wait(30)
+        return []
+
+    monkeypatch.setattr(libvirt.virConnect, "domainListGetStats", hung_monitor_stand_in)
+    cfg = agent_config(broker, prefix)
+    cfg = dataclasses.replace(cfg, libvirt=dataclasses.replace(cfg.libvirt, call_timeout=0.2))
+    try:
+        with capture_logs() as logs:
+            agent = run_agent(cfg)
+            wait_until(lambda: agent.service.samples >= 1, 15, "the first bulk call")
+            resample = agent.service._sample_some({domain.UUIDString()})
+            asyncio.run_coroutine_threadsafe(resample, agent.loop).result(10)
+            assert agent.stop() == 0
+    finally:
+        release.set()
+    events = [line["event"] for line in logs]
+    assert "sample.stalled" in events
+    assert "sample.failed" not in events
 
 
 def test_a_running_domain_publishes_retained_state_for_every_vcpu(
