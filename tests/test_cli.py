@@ -40,6 +40,12 @@ def write_config(tmp_path: Path, broker: Mosquitto, prefix: str) -> Path:
     return rig_write_config(tmp_path / "config.toml", doc)
 
 
+def _test_driver_config(tmp_path: Path) -> Path:
+    """The least config that samples: the test driver, JSON logs."""
+    doc = {"libvirt": {"uri": "test:///default"}, "log": {"format": "json"}}
+    return rig_write_config(tmp_path / "c.toml", doc)
+
+
 @pytest.fixture
 def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
     """A datagram socket standing in for systemd's NOTIFY_SOCKET."""
@@ -136,7 +142,7 @@ def test_the_last_will_says_offline_when_the_agent_is_killed(
     assert will.retain
 
 
-def test_snapshot_prints_the_seeds_state_names(capfd: pytest.CaptureFixture[str]) -> None:
+def test_snapshot_prints_the_seeds_state_names(tmp_path: Path) -> None:
     out = subprocess.run(
         [*AGENT, "snapshot", "--config", "/nonexistent-default.toml"],
         capture_output=True,
@@ -144,27 +150,23 @@ def test_snapshot_prints_the_seeds_state_names(capfd: pytest.CaptureFixture[str]
         check=False,
     )
     assert out.returncode == 78  # an explicit config that does not exist
-    cfg = Path(os.environ.get("TMPDIR", "/tmp")) / f"snap-{os.getpid()}.toml"
-    cfg.write_text('[libvirt]\nuri = "test:///default"\n[log]\nformat = "json"\n')
-    try:
-        table = subprocess.run(
-            [*AGENT, "snapshot", "--config", str(cfg), "--wait", "0.1"],
+    cfg = _test_driver_config(tmp_path)
+    table = subprocess.run(
+        [*AGENT, "snapshot", "--config", str(cfg), "--wait", "0.1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "Domain:         test" in table.stdout
+    assert "  State:        running" in table.stdout
+    doc = json.loads(
+        subprocess.run(
+            [*AGENT, "snapshot", "--config", str(cfg), "--wait", "0.1", "--json"],
             capture_output=True,
             text=True,
             check=True,
-        )
-        assert "Domain:         test" in table.stdout
-        assert "  State:        running" in table.stdout
-        doc = json.loads(
-            subprocess.run(
-                [*AGENT, "snapshot", "--config", str(cfg), "--wait", "0.1", "--json"],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-        )
-    finally:
-        cfg.unlink()
+        ).stdout
+    )
     [dom] = [d for d in doc["domains"] if d["domain"] == "test"]
     assert isinstance(
         decode(json.dumps({k: v for k, v in dom.items() if k != "vcpus"})), DomainStatePayload
@@ -178,10 +180,8 @@ def test_snapshot_prints_the_seeds_state_names(capfd: pytest.CaptureFixture[str]
 
 
 def test_snapshot_exits_69_when_libvirt_cannot_be_reached(tmp_path: Path) -> None:
-    cfg = tmp_path / "c.toml"
-    cfg.write_text(
-        f'[libvirt]\nuri = "qemu+unix:///system?socket={tmp_path}/none"\ncall_timeout = 5.0\n'
-    )
+    uri = f"qemu+unix:///system?socket={tmp_path}/none"
+    cfg = rig_write_config(tmp_path / "c.toml", {"libvirt": {"uri": uri, "call_timeout": 5.0}})
     started = time.monotonic()
     out = subprocess.run(
         [*AGENT, "snapshot", "--config", str(cfg)], capture_output=True, text=True, check=False
@@ -285,12 +285,6 @@ def test_an_odd_file_as_config_exits_78_with_the_reason_and_no_traceback(
 
 
 # -- closed stdout, signals -----------------------------------------------------------------
-
-
-def _test_driver_config(tmp_path: Path) -> Path:
-    cfg = tmp_path / "c.toml"
-    cfg.write_text('[libvirt]\nuri = "test:///default"\n[log]\nformat = "json"\n')
-    return cfg
 
 
 @pytest.mark.parametrize(

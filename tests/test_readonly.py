@@ -19,6 +19,7 @@ import libvirt
 import pytest
 
 from lab.libvirtd import Libvirtd
+from lab.rig import write_config
 
 ROOT = Path(__file__).parent.parent
 # The libvirt calls a read-only connection allows, and the agent may make.
@@ -105,8 +106,8 @@ def test_an_unprivileged_user_can_snapshot_through_the_read_only_socket(
     assert deployed_is_current(), f"{DEPLOYED} is missing or stale: run scripts/setup.sh"
     with tempfile.TemporaryDirectory(prefix="vcpu-ro-") as home:
         Path(home).chmod(0o755)  # readable by nobody, unlike pytest's tmp_path
-        config = Path(home) / "config.toml"
-        config.write_text('[libvirt]\nuri = "qemu:///system"\n[log]\nformat = "json"\n')
+        doc = {"libvirt": {"uri": "qemu:///system"}, "log": {"format": "json"}}
+        config = write_config(Path(home) / "config.toml", doc)
         config.chmod(0o644)
         out = run_as_nobody(config, home)
     assert out.returncode == 0, out.stderr
