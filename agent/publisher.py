@@ -71,6 +71,11 @@ WINDOW = 1000  # unacknowledged QoS >= 1 messages on one connection, at most
 # A connection that drops within this long after a send is suspected of a broker
 # closing on a packet it will not take (see Publisher._judge_head).
 SUSPECT_S = 5.0
+# A packet no larger than one a broker already took is not over its size limit: a
+# connection that drops each time such an entry alone is in flight names it only
+# after this many drops in a row. A cluster node failing over drops connections
+# too (CI once saw a 262-byte entry taken for one the broker refuses).
+STRIKES = 3
 FAULT_EVERY_S = 60.0  # the reminder pace of a lasting fault
 # A broker may acknowledge a retained message it then fails to store: nats-server
 # 2.9.10 PUBACKs it and logs "unable to store retained message" while its
@@ -128,7 +133,8 @@ class Publisher:
         self._pump_scheduled = False
         self._answered = asyncio.Event()  # an ack or refusal arrived (stop waits on it)
         # Per connection (reset at CONNACK):
-        self._inflight: dict[int, tuple[int, float]] = {}  # mid -> (entry id, sent at)
+        # mid -> (entry id, sent at, packet size)
+        self._inflight: dict[int, tuple[int, float, int]] = {}
         self._others: dict[int, tuple[str, object]] = {}  # mid -> status/gap/reassert
         self._sent_upto = 0  # highest entry id handed to this connection
         self._window = WINDOW
@@ -146,6 +152,8 @@ class Publisher:
         # Probing for a packet the broker closes on (see _judge_head): the highest
         # entry id sent before the suspicious drop; 0 when not probing.
         self._probe_upto = 0
+        self._struck = (0, 0)  # (entry id, drops in a row with it alone in flight)
+        self._largest_taken = 0  # the largest packet a broker acknowledged
         self._full_window = WINDOW
         self._connect_failed = logs.LastingFault(log, "mqtt.connect_failed", every=FAULT_EVERY_S)
         self._lost = logs.LastingFault(log, "mqtt.disconnected", every=FAULT_EVERY_S)
@@ -329,19 +337,24 @@ class Publisher:
         in flight, makes the next connection *probe*: one entry in flight at a time
         up to the last one sent here. A probing connection that drops right after
         sending its one entry names the culprit: it is dropped like an entry over an
-        announced limit, rather than flapping forever."""
+        announced limit, rather than flapping forever. An entry no larger than a
+        packet a broker already took is named only after ``STRIKES`` such drops in a
+        row: a size limit cannot refuse it, a failing node can drop any connection."""
         if self._stopping or not self._inflight:
             return
-        newest = max(at for _, at in self._inflight.values())
+        newest = max(at for _, at, _ in self._inflight.values())
         if time.monotonic() - newest > SUSPECT_S:
             return
         if not self._probe_upto:
             self._probe_upto = self._sent_upto
             return
-        head = min(entry_id for entry_id, _ in self._inflight.values())
+        head, _, size = min(self._inflight.values())
+        strikes = self._struck[1] + 1 if self._struck[0] == head else 1
+        self._struck = (head, strikes)
+        if size <= self._largest_taken and strikes < STRIKES:
+            return
         for entry_id, message in self.outbox.pending(head - 1, 1):
             if entry_id == head:
-                size = conn.packet_size(message)
                 self._drop(entry_id, message, Unsendable("packet", size, self._max_packet))
 
     def _probe_done(self) -> None:
@@ -350,6 +363,7 @@ class Publisher:
             oldest = self.outbox.pending(0, 1)
             if not oldest or oldest[0][0] > self._probe_upto:
                 self._probe_upto = 0
+                self._struck = (0, 0)
                 self._window = self._full_window
 
     # -- the pump ---------------------------------------------------------------------
@@ -389,7 +403,8 @@ class Publisher:
                 if message.qos == 0:
                     self.outbox.ack(entry_id)
                 else:
-                    self._inflight[mid] = (entry_id, time.monotonic())
+                    size = conn.packet_size(message)
+                    self._inflight[mid] = (entry_id, time.monotonic(), size)
         self._reassert_mirror(conn)
 
     def _room(self) -> int:
@@ -497,7 +512,8 @@ class Publisher:
     def _on_ack(self, mid: int) -> None:
         sent = self._inflight.pop(mid, None)
         if sent is not None:
-            entry_id = sent[0]
+            entry_id, _, size = sent
+            self._largest_taken = max(self._largest_taken, size)
             self.outbox.ack(entry_id)
             self._accepted(entry_id)
         else:

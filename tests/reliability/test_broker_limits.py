@@ -16,6 +16,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from agent.payloads import Gap, decode
+from lab.cutter import CuttingRelay
 from lab.mosquitto import Mosquitto
 from lab.rig import Feed
 from tests.reliability.publisher_rig import event, make_publisher, running, until
@@ -75,6 +76,42 @@ def test_entries_over_the_packet_limit_are_dropped_counted_in_a_gap_and_never_bl
     # MQTT 5: one connection. 3.1.1: the broker closes on each big packet; finding
     # it costs two connections per big entry, then no more flapping.
     assert _connects(broker, pub.client_id) <= (1 if protocol == "5" else 1 + 2 * 4)
+
+
+@pytest.mark.mqtt
+@pytest.mark.parametrize(("cuts", "dropped"), [(2, 0), (None, 1)])
+def test_a_small_entry_whose_connection_drops_is_not_taken_for_one_the_broker_refuses(
+    cuts: int | None,
+    dropped: int,
+    prefix: str,
+    make_broker: Callable[..., Mosquitto],
+    make_subscriber: Callable[..., Feed],
+) -> None:
+    # A connection that drops right after the one entry in flight names that entry
+    # as one the broker refuses (the test above). A failing cluster node drops
+    # connections too (CI: a nats node): an entry no larger than one the broker
+    # already took survives such drops; only the third in a row drops it.
+    broker = make_broker()
+    sub = make_subscriber(broker.port, f"{prefix}/#")
+    small = event(prefix, 0, 2, size=100)
+    small = type(small)(small.topic, small.payload.replace(b"xxxxxxxx", b"cut-here", 1), 1, False)
+    with CuttingRelay(broker.port, marker=b"cut-here", times=cuts) as relay:
+        pub, outbox = make_publisher(relay.port, prefix, protocol="3.1.1")
+        pub.outbox.put(event(prefix, 0, 1, size=400), None)
+
+        async def scenario() -> None:
+            async with running(pub):
+                await until(lambda: len(outbox) == 0)  # the broker took 400 bytes
+                pub.publish(small, None)
+                pub.publish(event(prefix, 0, 3, size=100), None)
+                await until(lambda: len(outbox) == 0, timeout=20)
+                await until(lambda: 3 in _seqs(sub, "transition"))
+
+        asyncio.run(scenario())
+        assert relay.cuts == (cuts if cuts is not None else 1 + 3)
+    arrived = list(dict.fromkeys(_seqs(sub, "transition")))
+    assert arrived == ([1, 3] if dropped else [1, 2, 3])
+    assert outbox.dropped == dropped
 
 
 @pytest.mark.mqtt
