@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -113,5 +114,11 @@ class Mosquitto:
         self.start()
         return self
 
-    def __exit__(self, *_exc: object) -> None:
+    def close(self) -> None:
+        """Stop the broker and remove the directory it made for itself, if it did."""
         self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()

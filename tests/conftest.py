@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Generator, Iterator
@@ -76,6 +77,7 @@ def make_broker() -> Iterator[Callable[..., Mosquitto]]:
     yield make
     for broker in brokers:
         broker.stop()
+        shutil.rmtree(broker.workdir, ignore_errors=True)
 
 
 @pytest.fixture

@@ -244,5 +244,8 @@ def test_an_agents_client_id_is_refused(mqtt_cfg: MakeCfg) -> None:
 
 def test_an_unreachable_broker_is_a_client_error(prefix: str) -> None:
     dead = Mosquitto()  # never started: nothing listens on its port
-    with pytest.raises(ClientError):
-        Subscriber(mqtt_section(dead, prefix), client_id=cid()).connect(timeout=1.5)
+    try:
+        with pytest.raises(ClientError):
+            Subscriber(mqtt_section(dead, prefix), client_id=cid()).connect(timeout=1.5)
+    finally:
+        dead.close()

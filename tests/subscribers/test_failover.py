@@ -98,7 +98,7 @@ def test_a_lost_broker_is_replaced_by_the_next_and_the_chain_carries_over(
         assert not [e for e in got if isinstance(e, SeqGap)]
     finally:
         sub.close()
-        first.stop()
+        first.close()
 
 
 def test_one_endpoint_keeps_the_single_broker_behaviour(bus: Mosquitto, prefix: str) -> None:
