@@ -1,9 +1,9 @@
-"""The fast decoder: the same verdicts as the reference checker, at a fraction of the cost."""
+"""The fast decoder: the same verdicts as the reference checker (its cost against
+``json.loads``: bench/client.py)."""
 
 from __future__ import annotations
 
 import json
-import time
 import typing
 
 import pytest
@@ -73,22 +73,3 @@ def _transition() -> Transition:
         epoch="e1",
         resync=False,
     )
-
-
-def _best_of(fn: typing.Callable[[], object], *, rounds: int = 5, n: int = 2000) -> float:
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        best = min(best, (time.perf_counter() - start) / n)
-    return best
-
-
-def test_decoding_a_transition_costs_at_most_four_times_json_loads() -> None:
-    # Was 30-45x (typing.get_type_hints per message); now ~2x. A ratio, not a time,
-    # so a slow or busy runner does not fail it; best of 5 rounds against noise.
-    data = _transition().encode()
-    assert decode(data) == _transition()
-    ratio = _best_of(lambda: decode(data)) / _best_of(lambda: json.loads(data))
-    assert ratio < 4.0, f"decode is {ratio:.1f}x json.loads"
