@@ -13,7 +13,6 @@ import contextlib
 import socket
 import threading
 from collections.abc import Callable
-from types import TracebackType
 from typing import Self
 
 from lab.mosquitto import free_port
@@ -35,12 +34,7 @@ class CuttingRelay:
         self._spawn(self._accept)
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *_exc: object) -> None:
         self._listener.close()
         with self._lock:
             for sock in self._open:

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 import uuid
 from collections.abc import Callable, Generator, Iterator
-from pathlib import Path
 
 import libvirt
 import pytest
@@ -61,23 +58,21 @@ def make_broker() -> Iterator[Callable[..., Mosquitto]]:
     brokers: list[Mosquitto] = []
 
     def make(extra_conf: str = "", *, persistent: bool = False) -> Mosquitto:
-        workdir = Path(tempfile.mkdtemp(prefix="vcpu-rel-mosq-"))
+        broker = Mosquitto(extra_conf=extra_conf)
         if persistent:
             # Later lines win: the session and its queued QoS 1 messages survive a
             # broker restart, as a production broker's would.
-            extra_conf = (
-                f"persistence true\npersistence_location {workdir}/\n"
+            broker.extra_conf = (
+                f"persistence true\npersistence_location {broker.workdir}/\n"
                 f"max_queued_messages 0\n{extra_conf}"
             )
-        broker = Mosquitto(extra_conf=extra_conf, workdir=workdir)
         broker.start()
         brokers.append(broker)
         return broker
 
     yield make
     for broker in brokers:
-        broker.stop()
-        shutil.rmtree(broker.workdir, ignore_errors=True)
+        broker.close()
 
 
 @pytest.fixture

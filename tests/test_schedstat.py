@@ -264,21 +264,17 @@ def test_a_hot_plugged_vcpus_new_thread_hands_the_domain_back_to_libvirt_at_once
 
 
 def test_a_vcpu_thread_libvirt_does_not_count_yet_keeps_the_domain_with_libvirt(
-    run_dir: Path, uuid: str
+    run_dir: Path, uuid: str, qemu: FakeQemu
 ) -> None:
     # Mid hot-plug QEMU runs the new thread before libvirt's vcpu.current follows.
     # Attached then, the thread would count as seen and the plug go unnoticed until
     # a later bulk call (CI saw 2.7 s): the domain waits until the two agree.
-    q = FakeQemu(uuid, ["CPU 0/TCG", "CPU 1/TCG"])
-    try:
-        pidfile(run_dir, q.pid)
-        src = SchedstatSource(run_dir=run_dir)
-        assert not src.attach(record(uuid, current=1, maximum=2))
-        assert "[1]" in src.refused[uuid]
-        assert src.attach(record(uuid, current=2, maximum=2))  # libvirt caught up
-        assert uuid not in src.refused
-    finally:
-        q.stop()
+    pidfile(run_dir, qemu.pid)
+    src = SchedstatSource(run_dir=run_dir)
+    assert not src.attach(record(uuid, current=1, maximum=2))
+    assert "[1]" in src.refused[uuid]
+    assert src.attach(record(uuid, current=2, maximum=2))  # libvirt caught up
+    assert uuid not in src.refused
 
 
 def test_a_domain_at_its_vcpu_maximum_is_not_looked_at_for_new_threads(
